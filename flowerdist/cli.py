@@ -1,0 +1,119 @@
+"""`flowerdist` command line: parse, build, run, close. User mistakes end as one line on stderr (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flowerdist.errors import FlowerdistError
+
+
+def _train(args) -> None:
+    from flowerdist.config import load_config
+    from flowerdist.train import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def _eval(args) -> None:
+    from flowerdist.inference import run_eval
+
+    result = run_eval(args.checkpoint, args.overrides)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"checkpoint {result['checkpoint']}\n{result['scope']}: {result['count']} images")
+    print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}")
+    width = max(len(c) for c in result["classes"])
+    header = "actual/predicted"
+    width = max(width, len(header))
+    print(f"{header:>{width}}  " + " ".join(f"{c[:6]:>6}" for c in result["classes"]) + "  accuracy")
+    for name, row, acc in zip(result["classes"], result["confusion"], result["per_class_accuracy"]):
+        print(f"{name:>{width}}  " + " ".join(f"{n:>6}" for n in row) + f"  {acc:.4f}")
+
+
+def _predict(args) -> None:
+    from flowerdist.inference import run_predict
+
+    results = run_predict(args.checkpoint, args.images, topk=args.topk)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for r in results:
+        preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+        print(f"{r['image']}: {preds}")
+
+
+def _synth(args) -> None:
+    from flowerdist.data.synth import generate
+
+    out = generate(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote {args.per_class} images per class ({args.size} px) to {out}")
+
+
+def _download(args) -> None:
+    from flowerdist.data.download import download
+
+    print(f"flower_photos in {download(args.out)}")
+
+
+def _models(args) -> None:
+    from flowerdist.models import list_models
+
+    print("\n".join(list_models()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowerdist", description="Train residual networks on flower photos, from one CPU to many GPU nodes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (a single process; use `accelerate launch -m flowerdist train` for several)")
+    p.add_argument("-c", "--config", help="YAML config (see configs/); defaults apply without one")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=0.01")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.root=FOLDER to evaluate all of another folder")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="classify images")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint path")
+    p.add_argument("--topk", type=int, default=1, help="how many classes to show per image")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.set_defaults(func=_predict)
+
+    data = sub.add_parser("data", help="make or fetch flower data").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="generate a procedural five-class flower set (JPEGs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+    p = data.add_parser("download", help="fetch TensorFlow's flower_photos (3,670 photos), verified and extracted")
+    p.add_argument("--out", default="data")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("models", help="list the model names")
+    p.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FlowerdistError as err:
+        print(f"flowerdist: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowerdist: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

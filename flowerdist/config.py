@@ -1,0 +1,349 @@
+"""Typed, nested run configuration: defaults < YAML file < dotted `KEY=VALUE` overrides.
+
+Every field has a docstring-style comment with its unit. Unknown keys and wrong types are
+errors that name the key, the file and the closest valid key; impossible values are rejected
+by `validate()` before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flowerdist.errors import FlowerdistError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "seed_resnet"
+    """Model name: `seed_resnet`, `resnet18|34|50|101|152`, or `timm/<timm model name>`."""
+    shortcut: Literal["A", "B", "C"] = "B"
+    """ResNet shortcut option of the paper: A zero-pad identity, B projection where the shape changes, C projection everywhere."""
+    pretrained: bool = False
+    """Load pretrained weights (timm models only): from `pretrained_file` or the local HF cache."""
+    pretrained_file: str | None = None
+    """Local .pth/.safetensors weights for `pretrained` (works offline)."""
+    init_weights: bool = True
+    """Apply the model's weight initialisation (kaiming for convs) instead of torch's defaults."""
+    channels_last: bool = True
+    """Train in channels_last memory format (about 2x faster for the seed network on CPU)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (costs 20-40 s of compilation at start)."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic_flowers"
+    """Image folder laid out ROOT/<class>/<image> (torchvision ImageFolder)."""
+    synthetic: bool = False
+    """Generate a procedural flower set at `root` first if the folder does not exist."""
+    synthetic_per_class: int = 200
+    """Images per class when `synthetic` generates the set."""
+    synthetic_size: int = 128
+    """Side in pixels of the generated images."""
+    image_size: int = 224
+    """Network input side in pixels (train crop and validation centre crop)."""
+    batch_size: int = 32
+    """Images per device per micro-step; global batch = batch_size x processes x grad_accum_steps."""
+    val_fraction: float = 0.2
+    """Fraction of every class held out for validation (stratified, seeded by train.seed)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+    min_scale: float = 0.35
+    """Smallest area fraction of RandomResizedCrop for training."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Peak learning rate for a global batch of `reference_batch` images (see lr_scale)."""
+    lr_scale: Literal["linear", "sqrt", "none"] = "none"
+    """How the peak lr follows the actual global batch: lr x (global/reference) for linear, its sqrt, or unchanged."""
+    reference_batch: int = 32
+    """The global batch (images per optimizer step) for which `lr` is given."""
+    weight_decay: float = 0.05
+    """Decoupled (AdamW) or L2 (SGD) weight decay; not applied to biases and norm weights."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    nesterov: bool = True
+    """SGD Nesterov momentum."""
+    warmup_steps: int = 0
+    """Linear warm-up length in optimizer steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """LR schedule after warm-up."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of the peak lr."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the training split."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs). The schedule still spans `epochs`."""
+    grad_accum_steps: int = 1
+    """Micro-steps accumulated per optimizer step."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision; fp16 uses a gradient scaler (GPU). bf16 is slower than fp32 on most CPUs."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    seed: int = 42
+    """Seeds the split, the shuffling of every epoch, the initial weights and augmentation."""
+    output_dir: str | None = None
+    """Run directory; default runs/<config-name>-<timestamp>."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm in multi-process runs."""
+    log_every: int = 10
+    """Log loss and lr every this many optimizer steps (the only host syncs in the step loop)."""
+    cpu: bool = False
+    """Train on the CPU even when a GPU is visible."""
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when an API key is configured, offline otherwise."""
+    project: str = "flowerdist"
+    """W&B project name."""
+    progress: bool = True
+    """Show a tqdm progress bar on the main process."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    name: str = "flowerdist"
+    """Run name (defaults to the config file's stem)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, e.g. {"optim.lr": 0.001}: what W&B's config gets."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _all_keys() -> list[str]:
+    return list(Config().flat())
+
+
+def _unknown_key(key: str, where: str) -> FlowerdistError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_all_keys())}"
+    return FlowerdistError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check (and for CLI strings, parse) `value` against the field type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except FlowerdistError:
+                pass
+        raise FlowerdistError(f"config key '{key}' in {where} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        text = str(value)
+        if text in choices:
+            return text
+        if isinstance(value, str) and value.upper() in choices:
+            return value.upper()
+        raise FlowerdistError(
+            f"config key '{key}' in {where} must be one of {', '.join(map(str, choices))}, got {value!r}"
+        )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise FlowerdistError(f"config key '{key}' in {where} must be {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _set(cfg: Config, key: str, value: Any, where: str, *, parse: bool) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts):
+        hints = _field_types(target)
+        if part not in hints:
+            raise _unknown_key(key, where)
+        if i == len(parts) - 1:
+            tp = hints[part]
+            if dataclasses.is_dataclass(tp):
+                raise FlowerdistError(f"config key '{key}' in {where} is a section; set its keys, e.g. '{key}.{next(iter(_field_types(getattr(target, part))))}'")
+            if parse and isinstance(value, str):
+                value = _parse_cli_value(value, tp)
+            setattr(target, part, _coerce(value, tp, key, where))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise _unknown_key(key, where)
+
+
+def _parse_cli_value(text: str, tp: Any) -> Any:
+    """CLI values are strings; YAML-parse them unless the field is a plain string."""
+    if tp is str or (typing.get_origin(tp) is Literal):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from defaults, an optional YAML file and `KEY=VALUE` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FlowerdistError(f"config file {path} not found; pass an existing file with -c (see configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            line = getattr(getattr(err, "problem_mark", None), "line", None)
+            at = f" at line {line + 1}" if line is not None else ""
+            raise FlowerdistError(f"config file {path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+        if not isinstance(data, dict):
+            raise FlowerdistError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
+        cfg.name = path.stem
+        for key, value in _flatten(data).items():
+            _set(cfg, key, value, str(path), parse=False)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply dotted `KEY=VALUE` strings in place (values parsed as YAML), then validate."""
+    for item in overrides:
+        if "=" not in item:
+            raise FlowerdistError(f"override '{item}' must look like KEY=VALUE, e.g. optim.lr=0.01")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value, "the command line", parse=True)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], where: str = "a checkpoint") -> Config:
+    """Rebuild a Config saved with a run (config.yaml or checkpoint metadata)."""
+    cfg = Config()
+    for key, value in _flatten(data).items():
+        _set(cfg, key, value, where, parse=False)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values before any work starts, naming the key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise FlowerdistError(f"config key '{key}' {what} (got {_get(cfg, key)!r})")
+
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
+    need(cfg.data.image_size >= 16, "data.image_size", "must be at least 16 pixels")
+    need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must lie strictly between 0 and 1")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    need(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", "must lie in (0, 1]")
+    need(cfg.data.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
+    need(cfg.data.synthetic_size >= 16, "data.synthetic_size", "must be at least 16 pixels")
+    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be 0 or more")
+    need(cfg.optim.reference_batch >= 1, "optim.reference_batch", "must be at least 1")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be 0 or more")
+    need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
+    need(cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be 0 (off) or positive")
+    need(0.0 <= cfg.optim.momentum < 1.0, "optim.momentum", "must lie in [0, 1)")
+    need(cfg.train.epochs >= 1, "train.epochs", "must be at least 1")
+    need(cfg.train.max_steps >= 0, "train.max_steps", "must be 0 (off) or positive")
+    need(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
+    need(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", "must lie in [0, 1)")
+    need(cfg.train.log_every >= 1, "train.log_every", "must be at least 1")
+    if cfg.model.pretrained and not cfg.model.name.startswith("timm/"):
+        raise FlowerdistError(
+            f"config key 'model.pretrained' needs a timm model (model.name=timm/{cfg.model.name}); "
+            f"scratch model '{cfg.model.name}' has no pretrained weights"
+        )
+
+
+def _get(cfg: Config, key: str) -> Any:
+    target: Any = cfg
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,107 @@
+"""`flowerdist eval` and `flowerdist predict`: load a checkpoint and use it, single process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowerdist.checkpoint import read_meta, read_weights, resolve_checkpoint
+from flowerdist.config import Config, apply_overrides, config_from_dict
+from flowerdist.data.dataset import IMAGE_EXTENSIONS, FlowerDataset, eval_transform, load_rgb, load_split, scan_folder
+from flowerdist.errors import FlowerdistError
+from flowerdist.evaluate import evaluate
+from flowerdist.models import create_model
+
+
+def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, tuple[str, ...], Path]:
+    """The checkpoint's model in eval mode, its config, its classes and its directory."""
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    try:
+        cfg = config_from_dict(meta["config"], where=str(ckpt / "meta.json"))
+        classes = tuple(meta["classes"])
+    except (KeyError, TypeError):
+        raise FlowerdistError(f"checkpoint metadata {ckpt / 'meta.json'} lacks 'config' or 'classes'; the checkpoint is corrupt") from None
+    model = create_model(
+        cfg.model.name,
+        num_classes=len(classes),
+        shortcut=cfg.model.shortcut,
+        image_size=cfg.data.image_size,
+        init_weights=False,
+    )
+    try:
+        model.load_state_dict(read_weights(ckpt))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise FlowerdistError(
+            f"checkpoint {ckpt} does not fit model '{cfg.model.name}' (shortcut {cfg.model.shortcut}, {len(classes)} classes): "
+            f"{first[1].strip() if len(first) > 1 else first[0]}"
+        ) from None
+    return model.eval(), cfg, classes, ckpt
+
+
+def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Metrics on the run's validation split, or on all of another folder given by data.root=."""
+    model, cfg, classes, ckpt = load_model(checkpoint)
+    other_root = any(o.split("=", 1)[0].strip() == "data.root" for o in overrides)
+    cfg = apply_overrides(cfg, list(overrides))
+    index = scan_folder(cfg.data.root, classes=classes)
+    if other_root:
+        indices, scope = list(range(len(index))), f"all of {index.root}"
+    else:
+        split_file = ckpt.parent.parent / "split.json"
+        if not split_file.is_file():
+            raise FlowerdistError(f"{split_file} is missing, so the run's validation split is unknown; pass data.root=FOLDER to evaluate a folder")
+        _, indices = load_split(split_file, index)
+        scope = f"validation split of {ckpt.parent.parent}"
+    loader = torch.utils.data.DataLoader(
+        FlowerDataset(index, eval_transform(cfg.data.image_size)),
+        batch_size=cfg.data.batch_size,
+        sampler=indices,
+        num_workers=cfg.data.num_workers,
+    )
+    result = evaluate(model, loader, len(classes), torch.device("cpu"))
+    return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), **result}
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(
+                sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+            )
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FlowerdistError(f"image or folder {p} does not exist")
+    if not files:
+        raise FlowerdistError(f"no images found in {', '.join(paths)} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+@torch.no_grad()
+def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
+    model, cfg, classes, _ = load_model(checkpoint)
+    if not 1 <= topk <= len(classes):
+        raise FlowerdistError(f"--topk must lie between 1 and {len(classes)} (the number of classes), got {topk}")
+    transform = eval_transform(cfg.data.image_size)
+    files = collect_images(paths)
+    results = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        batch = torch.stack([transform(_open(f)) for f in chunk])
+        probs = model(batch).softmax(1)
+        top = probs.topk(topk, dim=1)
+        for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"image": str(f), "predictions": [{"class": classes[k], "probability": v} for v, k in zip(p, i)]})
+    return results
+
+
+def _open(path: Path):
+    try:
+        return load_rgb(path)
+    except OSError as err:
+        raise FlowerdistError(f"cannot read image {path}: {err}") from None

@@ -1,0 +1,304 @@
+"""The training loop, one order top to bottom: build, (resume), for each step: forward, backward,
+clip, step, schedule, log; at each epoch end: evaluate, checkpoint, summarise.
+
+The same code runs as one CPU process (`flowerdist train`) and under `accelerate launch`,
+torchrun or Slurm on many GPUs and nodes:
+
+    flowerdist train -c configs/quickstart.yaml
+    accelerate launch --config_file launch/multi_gpu.yaml -m flowerdist train -c configs/resnet50.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no -m flowerdist train -c configs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from flowerdist.checkpoint import rng_state, unwrapped_state_dict, write_checkpoint
+from flowerdist.config import Config, save_config
+from flowerdist.data.dataset import FlowerDataset, eval_transform, save_split, scan_folder, stratified_split, train_transform
+from flowerdist.data.sampler import ShardedSampler, eval_shard
+from flowerdist.distributed import build_accelerator, describe_world, num_machines
+from flowerdist.errors import FlowerdistError
+from flowerdist.evaluate import evaluate
+from flowerdist.models import create_model
+from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr
+from flowerdist.tracking import RunLogger, confusion_table, resolve_wandb_mode
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_accuracy: float
+    last_metrics: dict[str, Any]
+    global_step: int
+
+
+def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """`train.output_dir`, or runs/<name>-<timestamp> chosen once by the main process."""
+    if cfg.train.output_dir:
+        return Path(cfg.train.output_dir)
+    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(stamp)
+    return Path("runs") / f"{cfg.name}-{stamp[0]}"
+
+
+def ensure_data(cfg: Config, accelerator: Accelerator) -> None:
+    """Generate the synthetic set on first use (main process; the others wait for it)."""
+    root = Path(cfg.data.root)
+    if not cfg.data.synthetic or root.exists():
+        return
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not root.exists():
+            from flowerdist.data.synth import generate
+
+            accelerator.print(f"flowerdist: generating synthetic flowers in {root} (first use)")
+            generate(root, per_class=cfg.data.synthetic_per_class, size=cfg.data.synthetic_size, seed=cfg.train.seed)
+
+
+def make_loader(dataset, sampler, cfg: Config, device: torch.device) -> torch.utils.data.DataLoader:
+    workers = cfg.data.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+class StepLog:
+    """Keeps the running loss on the device and syncs it only every `every` optimizer steps."""
+
+    def __init__(self, every: int, device: torch.device, images_per_step: int):
+        self.every = every
+        self.images_per_step = images_per_step
+        self.loss_sum = torch.zeros((), device=device)
+        self.micro_steps = 0
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float()
+        self.micro_steps += 1
+
+    def should_log(self, step: int, last: bool) -> bool:
+        self.window_steps += 1
+        return step % self.every == 0 or last
+
+    def flush(self, accelerator: Accelerator) -> tuple[float, float]:
+        """Mean loss over the window and all ranks, and global images/s (one host sync)."""
+        loss = accelerator.reduce(self.loss_sum / max(1, self.micro_steps), "mean").item()
+        elapsed = time.perf_counter() - self.window_start
+        rate = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
+        self.loss_sum.zero_()
+        self.micro_steps = 0
+        self.window_steps = 0
+        self.window_start = time.perf_counter()
+        return loss, rate
+
+
+def train(cfg: Config) -> TrainResult:
+    wandb_mode = resolve_wandb_mode(cfg.log.wandb)
+    accelerator = build_accelerator(cfg, "wandb" if wandb_mode else None)
+    try:
+        return _train(cfg, accelerator, wandb_mode)
+    finally:
+        accelerator.end_training()
+
+
+def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> TrainResult:
+    device = accelerator.device
+    world = accelerator.num_processes
+    accelerator.print(f"flowerdist: {describe_world(accelerator)}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    # ---- run directory and data -------------------------------------------------------------
+    run_dir = resolve_run_dir(cfg, accelerator)
+    ensure_data(cfg, accelerator)
+    index = scan_folder(cfg.data.root)
+    train_idx, val_idx = stratified_split(index.labels, cfg.data.val_fraction, cfg.train.seed)
+    sampler = ShardedSampler(
+        train_idx, cfg.data.batch_size, accelerator.process_index, world, cfg.train.grad_accum_steps, cfg.train.seed
+    )
+    train_loader = make_loader(FlowerDataset(index, train_transform(cfg.data.image_size, cfg.data.min_scale), cfg.train.seed), sampler, cfg, device)
+    val_loader = make_loader(FlowerDataset(index, eval_transform(cfg.data.image_size)), eval_shard(val_idx, accelerator.process_index, world), cfg, device)
+
+    global_batch = cfg.data.batch_size * world * cfg.train.grad_accum_steps
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    peak_lr = scaled_lr(cfg.optim, global_batch)
+    accelerator.print(
+        f"flowerdist: global batch {global_batch} = {cfg.data.batch_size} per device x {world} processes x "
+        f"{cfg.train.grad_accum_steps} accumulation; {steps_per_epoch} steps/epoch, {total_steps} steps; peak lr {peak_lr:.3g}; "
+        f"{len(train_idx)} train / {len(val_idx)} val images, classes {list(index.classes)}"
+    )
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(index.classes)}, indent=1))
+        save_split(run_dir / "split.json", index, train_idx, val_idx)
+    accelerator.wait_for_everyone()
+
+    # ---- model, optimizer, schedule ----------------------------------------------------------
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = create_model(
+        cfg.model.name,
+        num_classes=len(index.classes),
+        shortcut=cfg.model.shortcut,
+        pretrained=cfg.model.pretrained,
+        pretrained_file=cfg.model.pretrained_file,
+        image_size=cfg.data.image_size,
+        init_weights=cfg.model.init_weights,
+    )
+    if cfg.train.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg.optim, peak_lr, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+    logger = RunLogger(accelerator, run_dir, wandb_mode)
+    logger.start(
+        cfg,
+        run_dir.name,
+        {
+            "world_size": world,
+            "num_machines": num_machines(accelerator),
+            "global_batch": global_batch,
+            "peak_lr": peak_lr,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "run_dir": str(run_dir),
+        },
+    )
+
+    # ---- loop --------------------------------------------------------------------------------
+    global_step, best_acc, metrics = 0, -1.0, {}
+    meta_base = {"classes": list(index.classes), "config": cfg.to_dict()}
+    steplog = StepLog(cfg.train.log_every, device, global_batch)
+    bar = tqdm(total=total_steps, disable=not (accelerator.is_main_process and cfg.log.progress), unit="step", dynamic_ncols=True)
+    for epoch in range(cfg.train.epochs):
+        if global_step >= total_steps:
+            break
+        epoch_start = time.perf_counter()
+        epoch_steps = 0
+        sampler.set_epoch(epoch)
+        model.train()
+        train_loss_sum = torch.zeros((), device=device)
+        for images, labels in train_loader:
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with accelerator.accumulate(model):
+                loss = criterion(model(images), labels)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.clip_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            steplog.add(loss)
+            train_loss_sum += loss.detach().float()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            epoch_steps += 1
+            bar.update()
+            last = global_step >= total_steps or epoch_steps == steps_per_epoch
+            if steplog.should_log(global_step, last):
+                loss_value, rate = steplog.flush(accelerator)
+                if not math.isfinite(loss_value):
+                    raise FlowerdistError(
+                        f"training loss became {loss_value} at step {global_step}; lower optim.lr or set optim.clip_grad_norm "
+                        f"(the last good checkpoint is kept in {run_dir / 'checkpoints'})"
+                    )
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+                logger.log(
+                    {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": rate, "epoch": epoch + epoch_steps / steps_per_epoch},
+                    global_step,
+                )
+            if global_step >= total_steps:
+                break
+
+        # ---- epoch end: evaluate, checkpoint, summarise ---------------------------------------
+        elapsed = time.perf_counter() - epoch_start
+        train_loss = accelerator.reduce(train_loss_sum / max(1, epoch_steps * cfg.train.grad_accum_steps), "mean").item()
+        val = evaluate(
+            accelerator.unwrap_model(model),
+            val_loader,
+            len(index.classes),
+            device,
+            channels_last=cfg.model.channels_last,
+            autocast=accelerator.autocast,
+            reduce=lambda t: accelerator.reduce(t, "sum"),
+        )
+        rate = epoch_steps * global_batch / elapsed
+        metrics = {
+            "epoch": epoch + 1,
+            "train/epoch_loss": train_loss,
+            "val/loss": val["loss"],
+            "val/accuracy": val["accuracy"],
+            "val/count": val["count"],
+            **{f"val/accuracy/{c}": a for c, a in zip(index.classes, val["per_class_accuracy"])},
+            "val/confusion": val["confusion"],
+            "epoch/images_per_s": rate,
+            "epoch/seconds": elapsed,
+        }
+        tables = {"val/confusion_table": confusion_table(val["confusion"], index.classes)} if (wandb_mode and accelerator.is_main_process) else None
+        logger.log(metrics, global_step, tables)
+        improved = val["accuracy"] > best_acc
+        best_acc = max(best_acc, val["accuracy"])
+        if accelerator.is_main_process:
+            _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, epoch, global_step, val["accuracy"], improved, logger)
+        accelerator.wait_for_everyone()
+        summary = (
+            f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
+            f"val_acc {val['accuracy']:.4f}  {rate:.1f} img/s  {elapsed:.1f} s"
+        )
+        if accelerator.is_main_process:
+            bar.write(summary) if cfg.log.progress else print(summary, flush=True)
+    bar.close()
+    logger.close()
+    accelerator.print(f"flowerdist: done; best val_acc {best_acc:.4f}; run directory {run_dir}")
+    return TrainResult(run_dir, best_acc, metrics, global_step)
+
+
+def _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, epoch, step, acc, improved, logger) -> None:
+    root = run_dir / "checkpoints"
+    weights = unwrapped_state_dict(accelerator.unwrap_model(model))
+    meta = {**meta_base, "epoch": epoch + 1, "step": step, "val_accuracy": acc}
+    train_state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "counters": {"epoch": epoch + 1, "micro_step": 0, "global_step": step},
+        "wandb_run_id": logger.wandb_run_id,
+    }
+    write_checkpoint(root, f"step-{step:08d}", weights, meta, train_state, {0: rng_state()}, link="last")
+    if improved:
+        write_checkpoint(root, f"best-step-{step:08d}", weights, meta, link="best")

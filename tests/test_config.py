@@ -1,0 +1,71 @@
+import pytest
+
+from flowerdist.config import Config, apply_overrides, load_config
+from flowerdist.errors import FlowerdistError
+from pathlib import Path
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_precedence_defaults_then_yaml_then_cli(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  lr: 0.5\n  name: sgd\ndata:\n  batch_size: 8\n")
+    cfg = load_config(path, ["optim.lr=0.25", "train.epochs=3", "model.shortcut=C", "model.pretrained_file=null"])
+    assert cfg.optim.lr == 0.25 and cfg.optim.name == "sgd"  # CLI beats YAML
+    assert cfg.data.batch_size == 8  # YAML beats default
+    assert cfg.data.image_size == Config().data.image_size  # default kept
+    assert cfg.train.epochs == 3 and cfg.model.shortcut == "C" and cfg.model.pretrained_file is None
+    assert cfg.name == "mine"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_shipped_config_set():
+    assert {p.stem for p in CONFIGS} >= {"quickstart", "seed_resnet", "resnet18", "resnet50", "timm_resnet50"}
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lrr=0.1", "unknown config key 'optim.lrr' in the command line; did you mean 'optim.lr'?"),
+        ("data.batch_size=abc", "config key 'data.batch_size' in the command line must be int, got 'abc'"),
+        ("model.shortcut=D", "config key 'model.shortcut' in the command line must be one of A, B, C, got 'D'"),
+        ("train.mixed_precision=fp8", "must be one of no, fp16, bf16"),
+        ("optim.lr=-1", "config key 'optim.lr' must be positive (got -1.0)"),
+        ("data.batch_size=0", "config key 'data.batch_size' must be at least 1 (got 0)"),
+        ("log.wandb=maybe", "config key 'log.wandb'"),
+        ("optim=3", "is a section"),
+        ("epochs", "must look like KEY=VALUE"),
+        ("model.pretrained=true", "needs a timm model"),
+    ],
+)
+def test_cli_errors_name_the_key(override, needle):
+    with pytest.raises(FlowerdistError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_errors_name_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  batchsize: 8\n")
+    with pytest.raises(FlowerdistError, match=r"unknown config key 'data.batchsize' in .*bad.yaml; did you mean 'data.batch_size'"):
+        load_config(path)
+    path.write_text("train:\n  epochs: ten\n")
+    with pytest.raises(FlowerdistError, match=r"'train.epochs' in .*bad.yaml must be int, got 'ten'"):
+        load_config(path)
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(FlowerdistError, match="not valid YAML at line"):
+        load_config(path)
+    with pytest.raises(FlowerdistError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_bool_and_float_parsing():
+    cfg = apply_overrides(Config(), ["log.progress=false", "optim.lr=3e-4", "optim.weight_decay=0"])
+    assert cfg.log.progress is False and cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 0.0
+    assert Config().flat()["optim.lr"] == 1e-3
