@@ -42,6 +42,17 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the state dict's names and bytes (equal digests mean bit-identical weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in unwrapped_state_dict(model).items():
+        h.update(name.encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {

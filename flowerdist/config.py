@@ -108,6 +108,8 @@ class TrainConfig:
     """Log loss and lr every this many optimizer steps (the only host syncs in the step loop)."""
     cpu: bool = False
     """Train on the CPU even when a GPU is visible."""
+    record_samples: bool = False
+    """Write the dataset indices every rank trained on, per optimizer step, to samples/rank<R>.jsonl (audits sharding)."""
 
 
 @dataclass

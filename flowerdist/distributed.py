@@ -10,6 +10,8 @@ import os
 import socket
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
@@ -34,6 +36,12 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
     )
 
 
+def say(accelerator: Accelerator, message: str) -> None:
+    """Print once per run (global main process; `accelerator.print` prints once per node)."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def num_machines(accelerator: Accelerator) -> int:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     return max(1, accelerator.num_processes // max(1, local))
@@ -50,3 +58,55 @@ def describe_world(accelerator: Accelerator) -> str:
         f"num_machines={num_machines(accelerator)} mixed_precision={accelerator.mixed_precision} "
         f"threads={torch.get_num_threads()} ranks=[{', '.join(layout)}]"
     )
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the global batch of all ranks, on any device.
+
+    `torch.nn.SyncBatchNorm` only runs on GPUs; this one uses autograd-aware all-reduces
+    (gloo on CPU) in two passes (mean, then centred variance) so it matches BatchNorm over
+    the concatenated batch to float rounding. Eval mode uses the running statistics as usual.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        sums = dist_nn.all_reduce(torch.cat([x.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        var = dist_nn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), m)
+        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """SyncBatchNorm on CUDA (fused kernels); GlobalBatchNorm elsewhere (CPU/gloo)."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _replace_bn(model)
+
+
+def _replace_bn(module: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _replace_bn(child))
+    return module

@@ -34,7 +34,7 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, labels in loader:
+    for images, labels, *_ in loader:
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast():

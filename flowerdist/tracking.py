@@ -15,6 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from flowerdist.config import Config
+from flowerdist.distributed import say
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -49,7 +50,7 @@ class RunLogger:
         if self.wandb_mode is None:
             return
         if self.wandb_mode == "offline" and cfg.log.wandb == "auto":
-            self.accelerator.print("flowerdist: no W&B API key configured: logging W&B offline (upload later with `wandb sync`)")
+            say(self.accelerator, "flowerdist: no W&B API key configured: logging W&B offline (upload later with `wandb sync`)")
         init = {
             "mode": self.wandb_mode,
             "dir": str(self.path.parent),
@@ -64,7 +65,7 @@ class RunLogger:
         self.accelerator.init_trackers(cfg.log.project, config={**cfg.flat(), **extra_config}, init_kwargs={"wandb": init})
         if self.accelerator.is_main_process:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
-            self.accelerator.print(f"flowerdist: W&B run {run.id} ({self.wandb_mode}) in {run.dir}")
+            say(self.accelerator, f"flowerdist: W&B run {run.id} ({self.wandb_mode}) in {run.dir}")
 
     @property
     def wandb_run_id(self) -> str | None:

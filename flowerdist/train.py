@@ -26,11 +26,11 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from flowerdist.checkpoint import rng_state, unwrapped_state_dict, write_checkpoint
+from flowerdist.checkpoint import rng_state, unwrapped_state_dict, weights_digest, write_checkpoint
 from flowerdist.config import Config, save_config
 from flowerdist.data.dataset import FlowerDataset, eval_transform, save_split, scan_folder, stratified_split, train_transform
 from flowerdist.data.sampler import ShardedSampler, eval_shard
-from flowerdist.distributed import build_accelerator, describe_world, num_machines
+from flowerdist.distributed import build_accelerator, convert_sync_batchnorm, describe_world, num_machines, say
 from flowerdist.errors import FlowerdistError
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
@@ -65,7 +65,7 @@ def ensure_data(cfg: Config, accelerator: Accelerator) -> None:
         if accelerator.is_main_process and not root.exists():
             from flowerdist.data.synth import generate
 
-            accelerator.print(f"flowerdist: generating synthetic flowers in {root} (first use)")
+            say(accelerator, f"flowerdist: generating synthetic flowers in {root} (first use)")
             generate(root, per_class=cfg.data.synthetic_per_class, size=cfg.data.synthetic_size, seed=cfg.train.seed)
 
 
@@ -125,7 +125,7 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> TrainResult:
     device = accelerator.device
     world = accelerator.num_processes
-    accelerator.print(f"flowerdist: {describe_world(accelerator)}")
+    say(accelerator, f"flowerdist: {describe_world(accelerator)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -148,7 +148,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     peak_lr = scaled_lr(cfg.optim, global_batch)
-    accelerator.print(
+    say(accelerator, 
         f"flowerdist: global batch {global_batch} = {cfg.data.batch_size} per device x {world} processes x "
         f"{cfg.train.grad_accum_steps} accumulation; {steps_per_epoch} steps/epoch, {total_steps} steps; peak lr {peak_lr:.3g}; "
         f"{len(train_idx)} train / {len(val_idx)} val images, classes {list(index.classes)}"
@@ -173,7 +173,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         init_weights=cfg.model.init_weights,
     )
     if cfg.train.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.optim, peak_lr, device)
@@ -201,6 +201,10 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     global_step, best_acc, metrics = 0, -1.0, {}
     meta_base = {"classes": list(index.classes), "config": cfg.to_dict()}
     steplog = StepLog(cfg.train.log_every, device, global_batch)
+    samples_file = None
+    if cfg.train.record_samples:
+        (run_dir / "samples").mkdir(exist_ok=True)
+        samples_file = open(run_dir / "samples" / f"rank{accelerator.process_index}.jsonl", "a")
     bar = tqdm(total=total_steps, disable=not (accelerator.is_main_process and cfg.log.progress), unit="step", dynamic_ncols=True)
     for epoch in range(cfg.train.epochs):
         if global_step >= total_steps:
@@ -210,7 +214,9 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         sampler.set_epoch(epoch)
         model.train()
         train_loss_sum = torch.zeros((), device=device)
-        for images, labels in train_loader:
+        for images, labels, indices in train_loader:
+            if samples_file is not None:
+                samples_file.write(json.dumps({"epoch": epoch, "step": global_step + 1, "indices": indices.tolist()}) + "\n")
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             with accelerator.accumulate(model):
@@ -285,7 +291,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
             bar.write(summary) if cfg.log.progress else print(summary, flush=True)
     bar.close()
     logger.close()
-    accelerator.print(f"flowerdist: done; best val_acc {best_acc:.4f}; run directory {run_dir}")
+    if samples_file is not None:
+        samples_file.close()
+    # Every rank states a digest of its weights: DDP replicas must agree bit for bit.
+    print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(accelerator.unwrap_model(model))}", flush=True)
+    say(accelerator, f"flowerdist: done; best val_acc {best_acc:.4f}; run directory {run_dir}")
     return TrainResult(run_dir, best_acc, metrics, global_step)
 
 

@@ -49,11 +49,14 @@ def read_records(path: Path):
         yield record
 
 
-def _items(items) -> dict:
+def _items(items, unwrap: bool = False) -> dict:
     out = {}
     for item in items:
         key = item.key or "/".join(item.nested_key)
-        out[key] = json.loads(item.value_json)
+        value = json.loads(item.value_json)
+        if unwrap and isinstance(value, dict) and set(value) == {"value"}:
+            value = value["value"]  # the run record wraps config values as {"value": v}
+        out[key] = value
     return out
 
 
@@ -67,10 +70,10 @@ def read_run(run_dir: Path) -> dict:
         if kind == "history":
             history.append(_items(record.history.item))
         elif kind == "config":
-            config.update(_items(record.config.update))
+            config.update(_items(record.config.update, unwrap=True))
         elif kind == "summary":
             summary.update(_items(record.summary.update))
         elif kind == "run":
             run_id = record.run.run_id
-            config.update(_items(record.run.config.update))
+            config.update(_items(record.run.config.update, unwrap=True))
     return {"history": history, "config": config, "summary": summary, "run_id": run_id, "file": files[0]}

@@ -143,7 +143,7 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 class FlowerDataset(torch.utils.data.Dataset):
-    """Items are looked up by `(epoch, index)` keys from `ShardedSampler` (or plain indices).
+    """Items are `(image, label, index)`, looked up by `(epoch, index)` keys from `ShardedSampler` (or plain indices).
 
     The random augmentation of item `index` in `epoch` is seeded from (seed, epoch, index),
     which makes a sample's pixels independent of rank, worker and resume position.
@@ -163,4 +163,4 @@ class FlowerDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
             tensor = self.transform(image)
-        return tensor, self.index.labels[i]
+        return tensor, self.index.labels[i], i

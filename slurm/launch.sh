@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Shared body of slurm/single_node.sbatch and slurm/multi_node.sbatch.
+#
+#   launch.sh CONFIG [KEY=VALUE ...]            (in the batch step, on the head node)
+#   launch.sh --on-node CONFIG [KEY=VALUE ...]  (what srun runs, once per node)
+#
+# The batch step works out what is the same on every node (head address, port,
+# process counts) and exports it; srun then starts this script once per node, and
+# each copy reads its OWN $SLURM_NODEID as --machine_rank. Evaluating the rank in
+# the batch step instead would start every node as rank 0 (accelerate #2816).
+#
+# Environment knobs (sbatch passes the submitter's environment, --export=ALL):
+#   FLOWERDIST_DEVICE=gpu|cpu        default gpu; cpu sets ACCELERATE_USE_CPU=1
+#   FLOWERDIST_PROCS_PER_NODE=N      default: GPUs on the node (cpu: 1)
+#   FLOWERDIST_MIXED_PRECISION=...   default: train.mixed_precision of the config (cpu: no)
+#   FLOWERDIST_ACCELERATE_CONFIG=F   accelerate config file (default: a minimal one
+#                                    per node, so ~/.cache/huggingface/accelerate/
+#                                    default_config.yaml is never picked up silently)
+set -euo pipefail
+
+die() { echo "flowerdist/slurm: $*" >&2; exit 2; }
+
+on_node=0
+if [ "${1:-}" = "--on-node" ]; then on_node=1; shift; fi
+[ $# -ge 1 ] || die "usage: sbatch slurm/<script>.sbatch CONFIG [KEY=VALUE ...] (submit from the repo root)"
+[ -n "${SLURM_JOB_ID:-}" ] || die "not inside a Slurm job; submit with sbatch"
+
+# sbatch runs a spooled copy of the batch script: the repo is found through the
+# submit directory, which must be on a file system every node sees.
+cd "$SLURM_SUBMIT_DIR"
+[ -f .venv/bin/activate ] && source .venv/bin/activate
+
+if [ "$on_node" = 0 ]; then
+    config=$1; shift
+    device=${FLOWERDIST_DEVICE:-gpu}
+    nnodes=${SLURM_NNODES:-1}
+
+    # Validate the config and overrides once, before any process starts, and read
+    # the precision from it. Only KEY=VALUE words are config overrides.
+    overrides=()
+    for a in "$@"; do [[ $a == *=* && $a != -* ]] && overrides+=("$a"); done
+    mp=$(python - "$config" "${overrides[@]}" <<'PY'
+import sys
+try:
+    from flowerdist.config import load_config
+    print(load_config(sys.argv[1], sys.argv[2:]).train.mixed_precision)
+except Exception as err:  # FlowerdistError carries the fix in its message
+    sys.exit(f"flowerdist/slurm: {err}")
+PY
+) || exit 2
+
+    case "$device" in
+    cpu)
+        export ACCELERATE_USE_CPU=1
+        per_node=${FLOWERDIST_PROCS_PER_NODE:-1}
+        mp=no    # bf16 autocast is slower than fp32 on CPUs; fp16 needs a GPU
+        ;;
+    gpu)
+        per_node=${FLOWERDIST_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}}
+        per_node=${per_node##*:}   # --gpus-per-node=a100:4 gives "a100:4"
+        if [ -z "$per_node" ]; then
+            per_node=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        fi
+        [ "${per_node:-0}" -ge 1 ] 2>/dev/null \
+            || die "no GPUs found on $(hostname); request them (--gpus-per-node=N) or run on CPUs with FLOWERDIST_DEVICE=cpu FLOWERDIST_PROCS_PER_NODE=N"
+        ;;
+    *) die "FLOWERDIST_DEVICE must be gpu or cpu, not '$device'" ;;
+    esac
+    [[ $per_node =~ ^[1-9][0-9]*$ ]] || die "FLOWERDIST_PROCS_PER_NODE must be a positive integer, not '$per_node'"
+
+    export FLOWERDIST_DEVICE=$device
+    export FLOWERDIST_MIXED_PRECISION=${FLOWERDIST_MIXED_PRECISION:-$mp}
+    export FLOWERDIST_PROCS_PER_NODE=$per_node
+    export FLOWERDIST_NUM_PROCESSES=$((per_node * nnodes))
+    export FLOWERDIST_NUM_MACHINES=$nnodes
+    export FLOWERDIST_HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    # One port per job, so two jobs sharing a head node do not collide.
+    export FLOWERDIST_PORT=$((20000 + SLURM_JOB_ID % 20000))
+
+    echo "flowerdist/slurm: job $SLURM_JOB_ID: $nnodes node(s) x $per_node process(es) ($device)," \
+         "head $FLOWERDIST_HEAD:$FLOWERDIST_PORT, mixed precision $FLOWERDIST_MIXED_PRECISION"
+    # One task per node; if one node's launcher dies, end the others instead of
+    # leaving them waiting at the rendezvous until the time limit.
+    exec srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        bash "$SLURM_SUBMIT_DIR/slurm/launch.sh" --on-node "$config" "$@"
+fi
+
+# ---- from here on: once per node, under srun ----
+rank=$SLURM_NODEID
+total=$FLOWERDIST_NUM_PROCESSES
+
+cfg=${FLOWERDIST_ACCELERATE_CONFIG:-}
+if [ -z "$cfg" ]; then
+    cfg=$(mktemp "${TMPDIR:-/tmp}/flowerdist-accelerate-XXXXXX.yaml")
+    trap 'rm -f "$cfg"' EXIT
+    # Quoted 'no': YAML would read a bare no as false.
+    printf "compute_environment: LOCAL_MACHINE\ndistributed_type: '%s'\nmixed_precision: '%s'\nuse_cpu: false\ndebug: false\n" \
+        "$([ "$total" -gt 1 ] && echo MULTI_GPU || echo 'NO')" "$FLOWERDIST_MIXED_PRECISION" >"$cfg"
+fi
+
+args=(--config_file "$cfg" --num_processes "$total" --num_machines "$FLOWERDIST_NUM_MACHINES"
+      --mixed_precision "$FLOWERDIST_MIXED_PRECISION" --dynamo_backend no)
+# --multi_gpu is also the CPU multi-process form: with ACCELERATE_USE_CPU=1 it runs
+# gloo over torch's launcher. (--cpu --num_processes N silently starts ONE process.)
+if [ "$total" -gt 1 ]; then
+    args+=(--multi_gpu --machine_rank "$rank"
+           --main_process_ip "$FLOWERDIST_HEAD" --main_process_port "$FLOWERDIST_PORT")
+elif [ "$FLOWERDIST_DEVICE" = cpu ]; then
+    args+=(--cpu)   # one process: accelerate's simple launcher resets ACCELERATE_USE_CPU from this flag
+fi
+# Share the node's CPUs among its processes (accelerate would otherwise use 1 thread each).
+if [ -z "${OMP_NUM_THREADS:-}" ] && [ -n "${SLURM_CPUS_ON_NODE:-}" ]; then
+    threads=$((SLURM_CPUS_ON_NODE / FLOWERDIST_PROCS_PER_NODE))
+    args+=(--num_cpu_threads_per_process "$((threads > 0 ? threads : 1))")
+fi
+
+echo "flowerdist/slurm: $(hostname) node $SLURMD_NODENAME machine_rank=$rank: accelerate launch ${args[*]}"
+# Not exec: the EXIT trap removes the temporary accelerate config afterwards.
+# Multi-node: an "Error waiting on exit barrier ... Failed to recv" traceback at the very
+# end is torch's launcher noticing that the head's launcher (it hosts the store) exited
+# first; torch logs it and exits 0. Real failures show up in the job's exit code.
+accelerate launch "${args[@]}" -m flowerdist train -c "$@"

@@ -1,0 +1,86 @@
+"""Shared fixtures: generated data and one short real training run, made once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tests never touch the network or a user's W&B account, and never read a user's accelerate config.
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ["WANDB_MODE"] = "offline"
+os.environ.pop("WANDB_API_KEY", None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m flowerdist ARGS` as a real process; on failure show its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowerdist", *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"flowerdist {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """5 classes x 40 generated flowers at 64 px."""
+    out = tmp_path_factory.mktemp("data") / "flowers"
+    run_cli("data", "synth", "--out", str(out), "--per-class", "40", "--size", "64", "--seed", "0")
+    return out
+
+
+#: overrides that make a real but small run on `tiny_data`
+TINY = ["data.synthetic=false", "data.image_size=64", "data.batch_size=16", "data.num_workers=0", "log.wandb=offline", "log.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "quick"
+    run_cli(
+        "train", "-c", "configs/quickstart.yaml", f"data.root={tiny_data}", f"train.output_dir={run_dir}",
+        *TINY, "train.epochs=6", "optim.warmup_steps=5", "optim.lr=0.003", "train.log_every=2",
+    )
+    return run_dir
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_cmd(nprocs: int, *train_args: str, num_machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
+    """The working CPU multi-process form of `accelerate launch` (see launch/cpu_multi_process.yaml)."""
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch",
+        "--multi_gpu", "--num_processes", str(nprocs), "--num_machines", str(num_machines),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]
+    if num_machines > 1 or port:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port or free_port())]
+    return cmd + ["-m", "flowerdist", "train", *train_args]
+
+
+def launch(nprocs: int, *train_args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Train with `nprocs` real CPU processes (gloo) through accelerate launch; 1 means plain `flowerdist train`."""
+    if nprocs == 1:
+        return run_cli("train", *train_args, timeout=timeout)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(accelerate_cmd(nprocs, *train_args, port=free_port()), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

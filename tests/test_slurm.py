@@ -1,0 +1,92 @@
+"""The project's Slurm scripts on a real local Slurm cluster (2 nodes on this machine).
+
+Needs root and `.ci/install_slurm.sh`; skipped otherwise. The cluster comes up once for
+the module (well under 10 s). Jobs are submitted from the repo root, as users do, with
+`--output` redirected to a temp folder so the repo gets no logs/.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import ClusterInfo, can_run_slurm, slurm_cluster  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+_OK, _WHY = can_run_slurm()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _OK, reason=_WHY)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> ClusterInfo:
+    with slurm_cluster(tmp_path_factory.mktemp("slurm"), nodes=2) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "flowers"
+    res = subprocess.run([sys.executable, "-m", "flowerdist", "data", "synth", "--out", str(out),
+                          "--per-class", "8", "--size", "64", "--seed", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"data synth failed:\n{res.stdout}\n{res.stderr}"
+    return out
+
+
+def _run_job(cluster: ClusterInfo, tmp: Path, script: str, args: list[str], env: dict[str, str],
+             sbatch_args: list[str] = (), timeout: float = 600) -> tuple[dict[str, str], str]:
+    job = cluster.submit(script, args, env=env, cwd=REPO,
+                         sbatch_args=[f"--output={tmp}/%x-%j.out", *sbatch_args])
+    try:
+        info = cluster.wait_job(job, timeout)
+    except TimeoutError:
+        subprocess.run(["scancel", job], env=cluster.env)
+        raise
+    log = Path(info["StdOut"]).read_text(errors="replace") if Path(info.get("StdOut", "")).is_file() else ""
+    return info, log
+
+
+def _describe(info: dict[str, str], log: str, cluster: ClusterInfo) -> str:
+    return (f"JobState={info.get('JobState')} ExitCode={info.get('ExitCode')} Reason={info.get('Reason')}\n"
+            f"--- job log (tail) ---\n{log[-6000:]}\n{cluster.logs(20)}")
+
+
+def test_cluster_two_node_job(cluster: ClusterInfo, tmp_path: Path) -> None:
+    """No training: separates cluster problems from training problems."""
+    script = tmp_path / "nodes.sh"
+    script.write_text("#!/bin/bash\nsrun bash -c 'echo \"node=$SLURMD_NODENAME nodeid=$SLURM_NODEID\"'\n")
+    info, log = _run_job(cluster, tmp_path, str(script), [], {},
+                         ["--nodes=2", "--ntasks-per-node=1", "--job-name=nodes"], timeout=60)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _describe(info, log, cluster)
+    assert set(re.findall(r"nodeid=(\d)", log)) == {"0", "1"}, log
+    assert set(re.findall(r"node=(node\d)", log)) == {"node1", "node2"}, log
+
+
+@pytest.mark.parametrize(
+    "script, procs_per_node, nodes",
+    [("slurm/single_node.sbatch", 2, 1), ("slurm/multi_node.sbatch", 1, 2)],
+    ids=["1node-x-2procs", "2nodes-x-1proc"],
+)
+def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path,
+                      script: str, procs_per_node: int, nodes: int) -> None:
+    run_dir = tmp_path / "run"
+    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": str(procs_per_node),
+           "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    # 40 images: small batches so each of the 2 ranks gets whole optimizer steps.
+    args = ["configs/quickstart.yaml", "train.epochs=1", f"data.root={synth_data}",
+            f"train.output_dir={run_dir}", "log.wandb=offline",
+            "data.batch_size=4", "data.image_size=64", "data.num_workers=0"]
+    info, log = _run_job(cluster, tmp_path, script, args, env)
+    why = _describe(info, log, cluster)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
+    assert info["NumNodes"] == str(nodes), why
+    assert "world_size=2" in log, why
+    # Each node's launcher must get its own rank (all-rank-0 is the classic trap).
+    assert set(re.findall(r"machine_rank=(\d+)", log)) == {str(r) for r in range(nodes)}, why
+    assert run_dir.is_dir(), why
+    assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file(), why
