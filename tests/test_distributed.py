@@ -96,7 +96,10 @@ def read_samples(run_dir, rank):
 
 
 def test_ranks_shard_each_epoch_disjointly_and_reproducibly(tiny_data, tmp_path):
-    args = ("data.batch_size=4", "train.record_samples=true", "train.max_steps=0", "train.epochs=2", "data.num_workers=1")
+    args = (
+        "data.batch_size=4", "train.record_samples=true", "train.max_steps=0", "train.epochs=2", "data.num_workers=1",
+        "optim.lr_scale=linear", "optim.reference_batch=4", "train.log_every=1",
+    )
     for name in ("a", "b"):
         proc = launch(3, *train_args(tiny_data, tmp_path / name, *args))
         assert world_size(proc) == 3
@@ -112,6 +115,16 @@ def test_ranks_shard_each_epoch_disjointly_and_reproducibly(tiny_data, tmp_path)
         assert union <= train_set and len(train_set - union) < 4 * 3  # all but a tail < one global batch
     assert ranks[0][0] != ranks[0][1]  # reshuffled per epoch
     assert ranks == [read_samples(tmp_path / "b", r) for r in range(3)]  # same seed, same order
+    # the lr is scaled for the global batch 12 and the schedule counts optimizer steps, once each
+    assert "global batch 12 = 4 per device x 3 processes x 1 accumulation; 13 steps/epoch, 26 steps; peak lr 0.003" in proc.stdout
+    from flowerdist.config import OptimConfig
+    from flowerdist.optim import lr_factor
+
+    cfg = OptimConfig(lr=0.003, warmup_steps=2)
+    logged = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [(m["step"], m["train/lr"]) for m in logged if "train/lr" in m]
+    assert [s for s, _ in lrs] == list(range(1, 27))
+    assert [lr for _, lr in lrs] == pytest.approx([0.003 * lr_factor(s, 26, cfg) for s, _ in lrs])
 
 
 def test_validation_is_exact_at_any_world_size(tiny_data, tmp_path):

@@ -90,3 +90,9 @@ def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path,
     assert set(re.findall(r"machine_rank=(\d+)", log)) == {str(r) for r in range(nodes)}, why
     assert run_dir.is_dir(), why
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file(), why
+    # One W&B run for the job, written by rank 0, grouped by the Slurm job and knowing its shape.
+    from wandb_offline import read_run
+
+    run = read_run(run_dir)
+    assert run["config"]["slurm_job_id"] == info["JobId"] and run["group"] == f"slurm-{info['JobId']}", run
+    assert run["config"]["world_size"] == 2 and run["config"]["num_machines"] == nodes, run["config"]

@@ -64,7 +64,7 @@ def read_run(run_dir: Path) -> dict:
     """{'history': [row, ...], 'config': {...}, 'summary': {...}, 'run_id': str} of the one offline run under run_dir."""
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline W&B run under {run_dir}, found {files}"
-    history, config, summary, run_id = [], {}, {}, None
+    history, config, summary, run_id, group = [], {}, {}, None, None
     for record in read_records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -75,5 +75,6 @@ def read_run(run_dir: Path) -> dict:
             summary.update(_items(record.summary.update))
         elif kind == "run":
             run_id = record.run.run_id
+            group = record.run.run_group or None
             config.update(_items(record.run.config.update, unwrap=True))
-    return {"history": history, "config": config, "summary": summary, "run_id": run_id, "file": files[0]}
+    return {"history": history, "config": config, "summary": summary, "run_id": run_id, "group": group, "file": files[0]}
