@@ -7,6 +7,8 @@ import json
 import os
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,8 +131,14 @@ def test_ranks_shard_each_epoch_disjointly_and_reproducibly(tiny_data, tmp_path)
 
 def test_validation_is_exact_at_any_world_size(tiny_data, tmp_path):
     """A 3-process evaluation counts every validation image once: equal to 1 process on the same weights."""
-    args = ("data.batch_size=4", "train.max_steps=3")
-    launch(3, *train_args(tiny_data, tmp_path / "three", *args))
+    # through the shipped launch file, as the README shows it
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/cpu_multi_process.yaml",
+        "--num_processes", "3", "--main_process_port", str(free_port()),
+        "-m", "flowerdist", "train", *train_args(tiny_data, tmp_path / "three", "data.batch_size=4", "train.max_steps=3"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and world_size(proc) == 3, proc.stdout + proc.stderr
     val = [json.loads(l) for l in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines() if "val/accuracy" in l][-1]
     assert val["val/count"] == 40
     from conftest import run_cli
