@@ -154,3 +154,35 @@ def load_train_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, A
     rng_file = ckpt / f"rng-rank{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
     return state, rng
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished training checkpoints, oldest first (a `.tmp-*` left by a kill is never listed)."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / TRAIN_STATE).is_file() and (p / WEIGHTS).is_file() and (p / META).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def find_resume_checkpoint(setting: str, run_dir: Path) -> Path | None:
+    """`train.resume`: "" (start fresh), "auto" (newest complete checkpoint of the run, if any) or a path."""
+    if not setting:
+        return None
+    if setting == "auto":
+        found = complete_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(setting)
+    if (path / "checkpoints").is_dir():
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise FlowerdistError(f"train.resume={setting}: the run has no complete training checkpoint")
+        return found[-1]
+    if not (path / TRAIN_STATE).is_file():
+        raise FlowerdistError(f"train.resume={setting} is not a training checkpoint (no {TRAIN_STATE}); pass a run directory or checkpoints/step-*")
+    return path
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` training checkpoints (the one `last` points at is always newest)."""
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -108,6 +108,12 @@ class TrainConfig:
     """Log loss and lr every this many optimizer steps (the only host syncs in the step loop)."""
     cpu: bool = False
     """Train on the CPU even when a GPU is visible."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many optimizer steps (0: only at epoch ends)."""
+    keep_last: int = 2
+    """Training checkpoints kept (older ones are deleted; `best` is kept apart)."""
+    resume: str = ""
+    """"auto": continue the newest complete checkpoint in train.output_dir (if any); or a checkpoint path."""
     record_samples: bool = False
     """Write the dataset indices every rank trained on, per optimizer step, to samples/rank<R>.jsonl (audits sharding)."""
 
@@ -333,6 +339,10 @@ def validate(cfg: Config) -> None:
     need(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
     need(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", "must lie in [0, 1)")
     need(cfg.train.log_every >= 1, "train.log_every", "must be at least 1")
+    need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be 0 (epoch ends only) or positive")
+    need(cfg.train.keep_last >= 1, "train.keep_last", "must be at least 1")
+    if cfg.train.resume == "auto" and not cfg.train.output_dir:
+        raise FlowerdistError("train.resume=auto needs a fixed run directory: set train.output_dir=DIR (the same on every restart)")
     if cfg.model.pretrained and not cfg.model.name.startswith("timm/"):
         raise FlowerdistError(
             f"config key 'model.pretrained' needs a timm model (model.name=timm/{cfg.model.name}); "

@@ -67,6 +67,20 @@ class RunLogger:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             say(self.accelerator, f"flowerdist: W&B run {run.id} ({self.wandb_mode}) in {run.dir}")
 
+    def replay(self, up_to_step: int) -> None:
+        """After a resume, re-send to W&B the logged events up to the checkpoint's step.
+
+        A killed process can lose W&B's unflushed buffer; metrics.jsonl is the record. Steps
+        W&B already has (`run.step` on a resumed online run) are not sent again.
+        """
+        if self.wandb_mode is None or not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        first = getattr(self.accelerator.get_tracker("wandb", unwrap=True), "step", 0) or 0
+        for line in self.path.read_text().splitlines():
+            event = json.loads(line)
+            if first <= event["step"] <= up_to_step:
+                self.accelerator.log(_scalars(event), step=event["step"])
+
     @property
     def wandb_run_id(self) -> str | None:
         if self.wandb_mode is None or not self.accelerator.is_main_process:
@@ -80,12 +94,15 @@ class RunLogger:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb_mode is not None:
-            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.accelerator.log({**scalars, **(tables or {})}, step=step)
+            self.accelerator.log({**_scalars(metrics), **(tables or {})}, step=step)
 
     def close(self) -> None:
         if self.wandb_mode is not None:
             self.accelerator.end_training()
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
 
 
 def confusion_table(matrix: list[list[int]], classes: tuple[str, ...]):

@@ -16,17 +16,27 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from flowerdist.checkpoint import rng_state, unwrapped_state_dict, weights_digest, write_checkpoint
+from flowerdist.checkpoint import (
+    find_resume_checkpoint,
+    load_train_state,
+    prune,
+    read_weights,
+    rng_state,
+    set_rng_state,
+    unwrapped_state_dict,
+    weights_digest,
+    write_checkpoint,
+)
 from flowerdist.config import Config, save_config
 from flowerdist.data.dataset import FlowerDataset, eval_transform, save_split, scan_folder, stratified_split, train_transform
 from flowerdist.data.sampler import ShardedSampler, eval_shard
@@ -100,6 +110,14 @@ class StepLog:
     def should_log(self, step: int, last: bool) -> bool:
         self.window_steps += 1
         return step % self.every == 0 or last
+
+    def snapshot(self, accelerator: Accelerator) -> tuple[float, int]:
+        """The un-logged window (for a checkpoint): a host sync, done only when saving."""
+        return float(self.loss_sum), self.micro_steps
+
+    def restore(self, loss_sum: float, micro_steps: int) -> None:
+        self.loss_sum.fill_(loss_sum)
+        self.micro_steps = micro_steps
 
     def flush(self, accelerator: Accelerator) -> tuple[float, float]:
         """Mean loss over the window and all ranks, and global images/s (one host sync)."""
@@ -183,6 +201,17 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         model = torch.compile(model)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
+    # ---- resume -----------------------------------------------------------------------------
+    state = Counters()
+    resume_from = find_resume_checkpoint(cfg.train.resume, run_dir)
+    wandb_run_id = None
+    if resume_from is not None:
+        wandb_run_id = _restore(resume_from, accelerator, model, optimizer, scheduler, state)
+        say(accelerator, f"flowerdist: resuming from {resume_from} (epoch {state.epoch}, step {state.global_step})")
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", state.global_step)
+    accelerator.wait_for_everyone()
+
     logger = RunLogger(accelerator, run_dir, wandb_mode)
     logger.start(
         cfg,
@@ -195,28 +224,38 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "run_dir": str(run_dir),
         },
+        run_id=wandb_run_id,
     )
+    if resume_from is not None:
+        logger.replay(state.global_step)
 
     # ---- loop --------------------------------------------------------------------------------
-    global_step, best_acc, metrics = 0, -1.0, {}
+    metrics: dict[str, Any] = {}
     meta_base = {"classes": list(index.classes), "config": cfg.to_dict()}
     steplog = StepLog(cfg.train.log_every, device, global_batch)
+    steplog.restore(state.window_loss, state.window_micro_steps)
     samples_file = None
     if cfg.train.record_samples:
         (run_dir / "samples").mkdir(exist_ok=True)
         samples_file = open(run_dir / "samples" / f"rank{accelerator.process_index}.jsonl", "a")
-    bar = tqdm(total=total_steps, disable=not (accelerator.is_main_process and cfg.log.progress), unit="step", dynamic_ncols=True)
-    for epoch in range(cfg.train.epochs):
-        if global_step >= total_steps:
+    k = cfg.train.grad_accum_steps
+
+    def save(epoch_end: bool, improved: bool = False, acc: float | None = None) -> None:
+        state.window_loss, state.window_micro_steps = steplog.snapshot(accelerator)
+        _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, state, logger, cfg.train.keep_last, improved, acc)
+
+    bar = tqdm(total=total_steps, initial=state.global_step, disable=not (accelerator.is_main_process and cfg.log.progress), unit="step", dynamic_ncols=True)
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if state.global_step >= total_steps:
             break
         epoch_start = time.perf_counter()
-        epoch_steps = 0
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_micro_step=state.micro_step)
+        epoch_steps = state.micro_step // k
+        train_loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
         model.train()
-        train_loss_sum = torch.zeros((), device=device)
         for images, labels, indices in train_loader:
             if samples_file is not None:
-                samples_file.write(json.dumps({"epoch": epoch, "step": global_step + 1, "indices": indices.tolist()}) + "\n")
+                samples_file.write(json.dumps({"epoch": epoch, "step": state.global_step + 1, "indices": indices.tolist()}) + "\n")
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             with accelerator.accumulate(model):
@@ -232,29 +271,33 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
             train_loss_sum += loss.detach().float()
             if not accelerator.sync_gradients:
                 continue
-            global_step += 1
+            state.global_step += 1
             epoch_steps += 1
             bar.update()
-            last = global_step >= total_steps or epoch_steps == steps_per_epoch
-            if steplog.should_log(global_step, last):
+            last = state.global_step >= total_steps or epoch_steps == steps_per_epoch
+            if steplog.should_log(state.global_step, last):
                 loss_value, rate = steplog.flush(accelerator)
                 if not math.isfinite(loss_value):
                     raise FlowerdistError(
-                        f"training loss became {loss_value} at step {global_step}; lower optim.lr or set optim.clip_grad_norm "
+                        f"training loss became {loss_value} at step {state.global_step}; lower optim.lr or set optim.clip_grad_norm "
                         f"(the last good checkpoint is kept in {run_dir / 'checkpoints'})"
                     )
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 logger.log(
                     {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": rate, "epoch": epoch + epoch_steps / steps_per_epoch},
-                    global_step,
+                    state.global_step,
                 )
-            if global_step >= total_steps:
+            if last:
                 break
+            if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0:
+                state.epoch, state.micro_step, state.epoch_loss_sum = epoch, epoch_steps * k, float(train_loss_sum)
+                save(epoch_end=False)
 
         # ---- epoch end: evaluate, checkpoint, summarise ---------------------------------------
         elapsed = time.perf_counter() - epoch_start
-        train_loss = accelerator.reduce(train_loss_sum / max(1, epoch_steps * cfg.train.grad_accum_steps), "mean").item()
+        done_steps = epoch_steps - state.micro_step // k
+        train_loss = accelerator.reduce(train_loss_sum / max(1, epoch_steps * k), "mean").item()
         val = evaluate(
             accelerator.unwrap_model(model),
             val_loader,
@@ -264,7 +307,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
             autocast=accelerator.autocast,
             reduce=lambda t: accelerator.reduce(t, "sum"),
         )
-        rate = epoch_steps * global_batch / elapsed
+        rate = done_steps * global_batch / elapsed
         metrics = {
             "epoch": epoch + 1,
             "train/epoch_loss": train_loss,
@@ -277,12 +320,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
             "epoch/seconds": elapsed,
         }
         tables = {"val/confusion_table": confusion_table(val["confusion"], index.classes)} if (wandb_mode and accelerator.is_main_process) else None
-        logger.log(metrics, global_step, tables)
-        improved = val["accuracy"] > best_acc
-        best_acc = max(best_acc, val["accuracy"])
-        if accelerator.is_main_process:
-            _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, epoch, global_step, val["accuracy"], improved, logger)
-        accelerator.wait_for_everyone()
+        logger.log(metrics, state.global_step, tables)
+        improved = val["accuracy"] > state.best_accuracy
+        state.best_accuracy = max(state.best_accuracy, val["accuracy"])
+        state.epoch, state.micro_step, state.epoch_loss_sum = epoch + 1, 0, 0.0
+        save(epoch_end=True, improved=improved, acc=val["accuracy"])
         summary = (
             f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
             f"val_acc {val['accuracy']:.4f}  {rate:.1f} img/s  {elapsed:.1f} s"
@@ -295,20 +337,65 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         samples_file.close()
     # Every rank states a digest of its weights: DDP replicas must agree bit for bit.
     print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(accelerator.unwrap_model(model))}", flush=True)
-    say(accelerator, f"flowerdist: done; best val_acc {best_acc:.4f}; run directory {run_dir}")
-    return TrainResult(run_dir, best_acc, metrics, global_step)
+    say(accelerator, f"flowerdist: done; best val_acc {state.best_accuracy:.4f}; run directory {run_dir}")
+    return TrainResult(run_dir, state.best_accuracy, metrics, state.global_step)
 
 
-def _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, epoch, step, acc, improved, logger) -> None:
-    root = run_dir / "checkpoints"
-    weights = unwrapped_state_dict(accelerator.unwrap_model(model))
-    meta = {**meta_base, "epoch": epoch + 1, "step": step, "val_accuracy": acc}
-    train_state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "counters": {"epoch": epoch + 1, "micro_step": 0, "global_step": step},
-        "wandb_run_id": logger.wandb_run_id,
-    }
-    write_checkpoint(root, f"step-{step:08d}", weights, meta, train_state, {0: rng_state()}, link="last")
-    if improved:
-        write_checkpoint(root, f"best-step-{step:08d}", weights, meta, link="best")
+@dataclass
+class Counters:
+    """Where the run stands; saved in every checkpoint so a resume continues mid-epoch exactly."""
+
+    epoch: int = 0  # the epoch to run (or to continue)
+    micro_step: int = 0  # micro-batches of `epoch` already done
+    global_step: int = 0  # optimizer steps done
+    best_accuracy: float = -1.0
+    epoch_loss_sum: float = 0.0  # this rank's summed micro-batch losses in `epoch` so far
+    window_loss: float = 0.0  # this rank's loss sum since the last log line
+    window_micro_steps: int = 0
+
+
+def _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, state: Counters, logger, keep_last, improved, acc) -> None:
+    """All ranks call this: each contributes its RNG and counters; the main process writes."""
+    per_rank = gather_object([{"rng": rng_state(), "counters": asdict(state)}]) if accelerator.num_processes > 1 else [
+        {"rng": rng_state(), "counters": asdict(state)}
+    ]
+    if accelerator.is_main_process:
+        root = run_dir / "checkpoints"
+        weights = unwrapped_state_dict(accelerator.unwrap_model(model))
+        meta = {**meta_base, "epoch": state.epoch, "step": state.global_step, "val_accuracy": acc}
+        train_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "counters": [r["counters"] for r in per_rank],
+            "wandb_run_id": logger.wandb_run_id,
+        }
+        rngs = {rank: r["rng"] for rank, r in enumerate(per_rank)}
+        write_checkpoint(root, f"step-{state.global_step:08d}", weights, meta, train_state, rngs, link="last")
+        prune(root, keep_last)
+        if improved:
+            write_checkpoint(root, f"best-step-{state.global_step:08d}", weights, meta, link="best")
+    accelerator.wait_for_everyone()
+
+
+def _restore(ckpt: Path, accelerator: Accelerator, model, optimizer, scheduler, state: Counters) -> str | None:
+    train_state, rng = load_train_state(ckpt, accelerator.process_index)
+    accelerator.unwrap_model(model).load_state_dict(read_weights(ckpt))
+    optimizer.load_state_dict(train_state["optimizer"])
+    scheduler.load_state_dict(train_state["scheduler"])
+    if train_state.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(train_state["scaler"])
+    counters = train_state["counters"]
+    mine = counters[accelerator.process_index] if accelerator.process_index < len(counters) else counters[0]
+    for key, value in mine.items():
+        setattr(state, key, value)
+    if rng is not None:
+        set_rng_state(rng)
+    return train_state.get("wandb_run_id")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop events logged after the checkpoint we resume from: they will be logged again."""
+    if path.is_file():
+        lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))

@@ -60,6 +60,11 @@ def _items(items, unwrap: bool = False) -> dict:
     return out
 
 
+def history(path: Path) -> list[dict]:
+    """The history rows of one .wandb file."""
+    return [_items(r.history.item) for r in read_records(path) if r.WhichOneof("record_type") == "history"]
+
+
 def read_run(run_dir: Path) -> dict:
     """{'history': [row, ...], 'config': {...}, 'summary': {...}, 'run_id': str} of the one offline run under run_dir."""
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))

@@ -53,11 +53,11 @@ GREEN: Color = (60, 120, 45)
 
 # Petal colour distributions per class: deliberately overlapping.
 _PETALS: dict[str, tuple[Sequence[Color], Sequence[float]]] = {
-    "daisy": ((WHITE, CREAM, LIGHTPINK, LAVENDER, YELLOW, PINK), (0.45, 0.12, 0.12, 0.11, 0.12, 0.08)),
-    "dandelion": ((YELLOW, GOLD, ORANGE), (0.6, 0.3, 0.1)),
-    "roses": ((RED, PINK, WHITE, YELLOW, DARKRED, ORANGE, LIGHTPINK), (0.22, 0.18, 0.14, 0.16, 0.1, 0.1, 0.1)),
-    "sunflowers": ((YELLOW, GOLD, ORANGE), (0.5, 0.35, 0.15)),
-    "tulips": ((RED, PINK, YELLOW, PURPLE, WHITE, ORANGE, LAVENDER), (0.2, 0.18, 0.18, 0.14, 0.12, 0.1, 0.08)),
+    "daisy": ((WHITE, CREAM, YELLOW, PINK, LIGHTPINK, LAVENDER, ORANGE), (0.34, 0.1, 0.14, 0.1, 0.12, 0.12, 0.08)),
+    "dandelion": ((YELLOW, GOLD, ORANGE), (0.6, 0.28, 0.12)),  # + 25% white seed puffballs
+    "roses": ((RED, PINK, WHITE, YELLOW, DARKRED, ORANGE, LIGHTPINK), (0.2, 0.16, 0.14, 0.2, 0.1, 0.1, 0.1)),
+    "sunflowers": ((YELLOW, GOLD, ORANGE, DARKRED), (0.45, 0.3, 0.15, 0.1)),
+    "tulips": ((RED, PINK, YELLOW, PURPLE, WHITE, ORANGE, LAVENDER), (0.18, 0.16, 0.2, 0.14, 0.14, 0.1, 0.08)),
 }
 
 # Background palettes: class-independent.
@@ -124,86 +124,97 @@ def _petals(r0, r1, width, angle, pointed: float, n: int = 9) -> np.ndarray:
     return np.stack([c * along - s * side, s * along + c * side], axis=-1)
 
 
-def _fill(d: ImageDraw.ImageDraw, polys: list, color: Color, factors, outline: tuple[int, int, int] | None = None) -> None:
+def _fill(d: ImageDraw.ImageDraw, polys: list, color: Color, factors, outline=None, width: int = 1) -> None:
     """Fill each polygon with `color` times its brightness factor (one factor, or one per polygon)."""
     for poly, f in zip(polys, np.broadcast_to(np.asarray(factors, dtype=float), (len(polys),))):
-        d.polygon(poly, fill=_shade(color, f), outline=outline)
+        d.polygon(poly, fill=_shade(color, f), outline=outline, width=width)
+
+
+def _line_width(v: _View, frac: float) -> int:
+    return max(1, round(v.r * frac))
 
 
 #: Difficulty knobs, calibrated so that a small CNN needs a few epochs (see the module docstring).
 _K: dict[str, tuple] = {
-    "blobs": (6, 18),  # out-of-focus background blobs, [low, high)
-    "grass": (3, 25),  # grass strokes behind the flowers
-    "leaves": (0, 5),  # loose leaves behind the flowers
+    "blobs": (3, 8),  # out-of-focus background blobs, [low, high)
+    "grass": (0, 6),  # grass strokes behind the flowers
+    "leaves": (0, 3),  # loose leaves behind the flowers
     "noise": (2.0, 9.0),  # sensor noise sigma, 0-255 scale
-    "extra": (0.55, 0.3, 0.15),  # P(1, 2, 3 flowers)
-    "radius": (0.3, 0.48),  # main flower radius, fraction of the image side
+    "extra": (0.3, 0.4, 0.3),  # P(1, 2, 3 flowers)
+    "radius": (0.55, 0.85),  # main flower radius, fraction of the image side
     "crop": (0.2,),  # P(main flower centred near the border)
-    "occlude": (0.35,),  # P(leaves / grass in front of the flowers)
+    "occlude": (0.2,),  # P(leaves / grass in front of the flowers)
 }
 
 # --------------------------------------------------------------------------- flowers
 
 
 def _daisy(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Color) -> None:
-    n = int(rng.integers(14, 30))
+    """12-26 separate long thin petals with gaps, round a domed yellow disc with a dark rim."""
+    n = int(rng.integers(14, 26))
     phase = rng.uniform(0, 2 * math.pi)
-    length = rng.uniform(0.7, 0.85)
-    width = rng.uniform(0.05, 0.09)
-    for layer in range(2 if rng.random() < 0.5 else 1):
-        a = phase + (np.arange(n) + 0.5 * layer) * 2 * math.pi / n + rng.normal(0, 0.05, n)
-        ln = (length - 0.1 * layer) * rng.uniform(0.88, 1.08, n)
-        polys = _petals(0.12, 0.12 + ln, width * rng.uniform(0.8, 1.2, n), a, 0.1)
-        _fill(d, v(polys), color, rng.uniform(0.82, 1.02, n) - 0.1 * layer)
+    length = rng.uniform(0.72, 0.88)
+    width = rng.uniform(0.06, 0.09)
+    for layer in range(2 if rng.random() < 0.3 else 1):
+        a = phase + (np.arange(n) + 0.5 * layer) * 2 * math.pi / n + rng.normal(0, 0.04, n)
+        ln = (length - 0.12 * layer) * rng.uniform(0.9, 1.06, n)
+        polys = _petals(0.15, 0.15 + ln, width * rng.uniform(0.85, 1.15, n), a, 0.05)
+        _fill(d, v(polys), color, rng.uniform(0.88, 1.04, n) - 0.12 * layer, _shade(color, 0.7))
     centre = _jitter(rng, _pick(rng, (YELLOW, GOLD), (0.7, 0.3)), 10)
-    rc = rng.uniform(0.17, 0.24)
-    _fill(d, v(_ellipses(0, 0, rc, rc, 0, 18)), centre, 1.0)
-    k = int(rng.integers(6, 14))  # disc texture
-    a, rr = rng.uniform(0, 2 * math.pi, k), rc * np.sqrt(rng.random(k)) * 0.8
-    _fill(d, v(_ellipses(rr * np.cos(a), rr * np.sin(a), 0.03, 0.03, 0, 6)), centre, 0.75)
+    rc = rng.uniform(0.18, 0.26)
+    _fill(d, v(_ellipses(0, 0, rc, rc, 0, 18)), centre, 1.0, _shade(centre, 0.45), _line_width(v, 0.035))
+    k = int(rng.integers(8, 16))  # disc texture
+    a, rr = rng.uniform(0, 2 * math.pi, k), rc * np.sqrt(rng.random(k)) * 0.75
+    _fill(d, v(_ellipses(rr * np.cos(a), rr * np.sin(a), 0.03, 0.03, 0, 6)), centre, 0.7)
 
 
 def _dandelion(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Color) -> None:
-    if rng.random() < 0.25:  # seed puffball: fine grey-white filaments with tiny tufts
+    """A dense pom-pom of very many tiny spiky rays (fine radial stripes), or a seed puffball."""
+    if rng.random() < 0.25:  # seed puffball: a pale translucent sphere of filaments with tiny tufts
         grey = _jitter(rng, (228, 228, 222), 10)
-        k = int(rng.integers(70, 130))
-        a, ln = rng.uniform(0, 2 * math.pi, k), rng.uniform(0.75, 1.0, k)
+        _fill(d, v(_ellipses(0, 0, 0.95, 0.95, 0, 24)), grey, 0.55)
+        k = int(rng.integers(90, 150))
+        a, ln = rng.uniform(0, 2 * math.pi, k), rng.uniform(0.7, 1.0, k)
         tips = np.stack([ln * np.cos(a), ln * np.sin(a)], axis=1)
-        lw = max(1, round(v.r * 0.025))
-        for seg, f in zip(v(np.stack([np.zeros_like(tips), tips], axis=1)), rng.uniform(0.75, 1.0, k)):
+        lw = _line_width(v, 0.02)
+        for seg, f in zip(v(np.stack([np.zeros_like(tips), tips], axis=1)), rng.uniform(0.8, 1.05, k)):
             d.line(seg, fill=_shade(grey, f), width=lw)
-        _fill(d, v(_ellipses(tips[:, 0], tips[:, 1], 0.04, 0.04, 0, 6)), grey, 1.05)
+        _fill(d, v(_ellipses(tips[:, 0], tips[:, 1], 0.035, 0.035, 0, 6)), grey, 1.08)
         _fill(d, v(_ellipses(0, 0, 0.1, 0.1, 0, 10)), BROWN, 1.2)
         return
-    layers = int(rng.integers(3, 5))
-    for layer in range(layers):  # outer, longer rays first; inner rays shorter and darker
-        n = int(rng.integers(45, 75) * (1.0 - 0.35 * layer / layers))
-        r1 = (1.0 - 0.7 * layer / layers) * rng.uniform(0.8, 1.05, n)
-        polys = _petals(r1 * 0.2, r1, rng.uniform(0.018, 0.035, n), rng.uniform(0, 2 * math.pi, n), 1.0, 4)
-        _fill(d, v(polys), color, rng.uniform(0.85, 1.05, n) - 0.12 * layer)
-    _fill(d, v(_ellipses(0, 0, 0.12, 0.12, 0, 10)), color, 0.7)
+    _fill(d, v(_ellipses(0, 0, 0.85, 0.85, 0, 24)), color, 0.5)  # dense head: no gaps to the background
+    layers = int(rng.integers(4, 6))
+    for layer in range(layers):  # outer, longer rays first; inner rays shorter
+        n = int(rng.integers(70, 110) * (1.0 - 0.4 * layer / layers))
+        r1 = (1.0 - 0.75 * layer / layers) * rng.uniform(0.82, 1.05, n)
+        polys = _petals(r1 * 0.3, r1, rng.uniform(0.02, 0.035, n), rng.uniform(0, 2 * math.pi, n), 1.0, 4)
+        _fill(d, v(polys), color, np.where(np.arange(n) % 2 == 0, 1.05, 0.72) - 0.05 * layer)
+    _fill(d, v(_ellipses(0, 0, 0.1, 0.1, 0, 10)), color, 0.6)
 
 
 def _rose(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Color) -> None:
+    """An outer ring of big rounded petals, then an inward spiral of overlapping petals with dark edges."""
     outer = int(rng.integers(5, 8))
     phase = rng.uniform(0, 2 * math.pi)
+    edge = _line_width(v, 0.03)
     a = phase + np.arange(outer) * 2 * math.pi / outer + rng.normal(0, 0.1, outer)
-    r = rng.uniform(0.42, 0.52, outer)  # outer ring of big rounded petals
-    _fill(d, v(_ellipses(0.5 * np.cos(a), 0.5 * np.sin(a), r, r * 0.9, a, 16)), color, rng.uniform(0.68, 0.82, outer))
+    r = rng.uniform(0.42, 0.52, outer)
+    polys = _ellipses(0.5 * np.cos(a), 0.5 * np.sin(a), r, r * 0.9, a, 16)
+    _fill(d, v(polys), color, rng.uniform(0.7, 0.85, outer), _shade(color, 0.4), edge)
     m = int(rng.integers(12, 20))
     k = np.arange(m)
-    t = k / m  # inward spiral of overlapping, shrinking petals with dark edges
+    t = k / m
     a = phase + k * 2.4
     dist, r = 0.42 * (1.0 - t), 0.48 * (1.0 - 0.75 * t)
     polys = _ellipses(dist * np.cos(a), dist * np.sin(a), r, r * 0.8, a + 1.2, 16)
-    for poly, f in zip(v(polys), 0.82 + 0.25 * ((k % 2) - 0.5) + 0.2 * t):
-        d.polygon(poly, fill=_shade(color, f), outline=_shade(color, 0.5))
+    _fill(d, v(polys), color, 0.82 + 0.25 * ((k % 2) - 0.5) + 0.2 * t, _shade(color, 0.35), edge)
     s = np.arange(11)
     spiral = 0.012 * s[:, None] * np.stack([np.cos(phase + s * 0.9), np.sin(phase + s * 0.9)], axis=1)
-    d.line(v(spiral), fill=_shade(color, 0.45), width=max(1, round(v.r * 0.03)))
+    d.line(v(spiral), fill=_shade(color, 0.35), width=edge)
 
 
 def _sunflower(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Color) -> None:
+    """Two rings of large pointed petals round a big dark-brown disc of seed florets."""
     n = int(rng.integers(16, 30))
     phase = rng.uniform(0, 2 * math.pi)
     rc = rng.uniform(0.36, 0.5)
@@ -220,12 +231,13 @@ def _sunflower(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color
 
 
 def _tulip(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Color) -> None:
-    # Side view, local frame: y grows downwards; the cup spans y in [-0.9, 0.5].
+    """A cup of 3-6 tall rounded petals seen from the side (local y grows downwards; cup in [-0.9, 0.5])."""
     n = int(rng.integers(3, 7))
     width = rng.uniform(0.5, 0.68)
     top = rng.uniform(-0.95, -0.75)
     pointed = rng.uniform(0.0, 0.6)
     back = n // 2
+    edge = _line_width(v, 0.025)
     for k in range(n):  # back petals first (darker, taller), then front petals
         front = k >= back
         slot = (k - back) / max(1, n - back - 1) if front else k / max(1, back - 1)
@@ -234,7 +246,7 @@ def _tulip(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Co
         tp = top + (0.12 if front else 0.0) + rng.normal(0, 0.04)
         pts = _petals(0.0, 0.5 - tp, pw, -math.pi / 2, pointed, 10) + (x, 0.5)
         f = rng.uniform(0.9, 1.05) if front else rng.uniform(0.65, 0.8)
-        _fill(d, v(pts), color, f, outline=_shade(color, 0.55) if front else None)
+        _fill(d, v(pts), color, f, _shade(color, 0.55), edge)
     base = _ellipses(0, 0.3, width * 0.55, 0.22, 0, 16)[0]  # rounded bottom joining the petals
     _fill(d, v(base[None, base[:, 1] >= 0.28]), color, 0.85)
 
@@ -346,7 +358,7 @@ def render(class_name: str, rng: np.random.Generator, size: int = 128) -> Image.
             v = _View(cx, cy, r, rng.normal(0, 0.35), 1.0)
         else:
             v = _View(cx, cy, r, rng.uniform(0, 2 * math.pi), rng.uniform(0.6, 1.0))
-        if rng.random() < (0.85 if side else 0.35):
+        if rng.random() < (0.95 if side else 0.3):
             _stem(d, rng, v if side else _View(cx, cy, r, rng.normal(0, 0.3), 1.0), side)
         _DRAW[class_name](d, rng, v, color)
     if rng.random() < _K["occlude"][0]:  # occlusion in front of the flowers

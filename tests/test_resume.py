@@ -1,0 +1,104 @@
+"""Never lose a run: SIGKILL after a checkpoint, `train.resume=auto`, and the result is the
+uninterrupted run's, bit for bit; metrics and W&B continue the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, accelerate_cmd, free_port, launch, run_cli
+from wandb_offline import history
+
+pytestmark = pytest.mark.slow
+
+
+def args(data, run_dir, *extra):
+    return (
+        "-c", "configs/quickstart.yaml", f"data.root={data}", f"train.output_dir={run_dir}", *TINY,
+        "data.batch_size=8", "train.epochs=3", "train.checkpoint_every=7", "train.log_every=3", "train.keep_last=2", *extra,
+    )
+
+
+def logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()]
+
+
+def start(nprocs, train_args):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "flowerdist", "train", *train_args] if nprocs == 1 else accelerate_cmd(nprocs, *train_args, port=free_port())
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_after_a_checkpoint(proc, run_dir, rng):
+    """SIGKILL the whole process group at a random step after the first mid-epoch checkpoint."""
+    target = rng.randint(8, 30)  # steps: the first checkpoint is at 7, an epoch has 20
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+        if done and max(logged_steps(run_dir) or [0]) >= target:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return target
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs):
+    rng = random.Random(nprocs)
+    ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
+    launch(nprocs, *args(tiny_data, ref, "data.batch_size=4" if nprocs == 2 else "data.batch_size=8"))
+    extra = "data.batch_size=4" if nprocs == 2 else "data.batch_size=8"
+    proc = start(nprocs, args(tiny_data, cut, extra))
+    kill_after_a_checkpoint(proc, cut, rng)
+    killed_at = max(logged_steps(cut))
+    assert not (cut / "checkpoints" / "last" / "meta.json").is_file() or json.loads((cut / "checkpoints" / "last" / "meta.json").read_text())["step"] < 60
+    out = launch(nprocs, *args(tiny_data, cut, extra, "train.resume=auto"))
+    assert "resuming from" in out.stdout
+
+    a = load_file(ref / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    # metrics.jsonl: the same events, no gap, no duplicate step
+    ref_lines = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
+    cut_lines = [json.loads(l) for l in (cut / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k and "seconds" not in k} for r in rows]
+    assert strip(cut_lines) == strip(ref_lines)
+    # W&B: one run id over both segments; together they log every step, equal values where they overlap
+    runs = sorted(cut.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and len({p.name for p in runs}) == 1, runs
+    seen = {}
+    for path in runs:
+        for row in history(path):
+            if "train/loss" in row:
+                assert seen.setdefault(row["_step"], row["train/loss"]) == row["train/loss"]
+    assert sorted(seen) == [r["step"] for r in ref_lines if "train/loss" in r]
+    assert killed_at >= 7
+    # keep_last: old training checkpoints were pruned
+    assert len(list((cut / "checkpoints").glob("step-*"))) == 2
+
+
+def test_partial_checkpoint_is_skipped(tiny_data, tmp_path):
+    """A kill during a save leaves a .tmp-* folder: resume=auto ignores it and the last good checkpoint stays."""
+    run = tmp_path / "run"
+    run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=7"))
+    ckpts = run / "checkpoints"
+    good = sorted(ckpts.glob("step-*"))[-1]
+    partial = ckpts / ".tmp-step-00000009"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 100)  # a half-written file
+    out = run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=9", "train.resume=auto"))
+    assert f"resuming from {good}" in out.stdout
