@@ -52,6 +52,20 @@ def _synth(args) -> None:
     print(f"wrote {args.per_class} images per class ({args.size} px) to {out}")
 
 
+def _check(args) -> None:
+    from flowerdist.data.check import check_folder
+    from flowerdist.data.dataset import scan_folder
+
+    report = check_folder(scan_folder(args.root))
+    if args.json:
+        print(json.dumps({"root": str(report.root), "total": report.total, "skipped": report.skipped,
+                          "converted": report.converted, "counts": report.counts}, indent=1))
+    else:
+        print("\n".join(report.lines()))
+    if report.empty_classes:
+        raise FlowerdistError(f"class {', '.join(report.empty_classes)} in {args.root} has no readable image; training would stop")
+
+
 def _download(args) -> None:
     from flowerdist.data.download import download
 
@@ -93,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
+    p = data.add_parser("check", help="report unreadable, converted and skipped images of a folder, without training")
+    p.add_argument("root")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_check)
     p = data.add_parser("download", help="fetch TensorFlow's flower_photos (3,670 photos), verified and extracted")
     p.add_argument("--out", default="data")
     p.set_defaults(func=_download)

@@ -10,6 +10,7 @@ import torch
 from flowerdist.checkpoint import read_meta, read_weights, resolve_checkpoint
 from flowerdist.config import Config, apply_overrides, config_from_dict
 from flowerdist.data.dataset import IMAGE_EXTENSIONS, FlowerDataset, eval_transform, load_rgb, load_split, scan_folder
+from flowerdist.data.check import check_folder, usable_index
 from flowerdist.errors import FlowerdistError
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
@@ -48,6 +49,8 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     other_root = any(o.split("=", 1)[0].strip() == "data.root" for o in overrides)
     cfg = apply_overrides(cfg, list(overrides))
     index = scan_folder(cfg.data.root, classes=classes)
+    report = check_folder(index)
+    index = usable_index(index, report.skipped)
     if other_root:
         indices, scope = list(range(len(index))), f"all of {index.root}"
     else:

@@ -39,6 +39,7 @@ from flowerdist.checkpoint import (
 )
 from flowerdist.config import Config, save_config
 from flowerdist.data.dataset import FlowerDataset, eval_transform, save_split, scan_folder, stratified_split, train_transform
+from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.distributed import build_accelerator, convert_sync_batchnorm, describe_world, num_machines, say
 from flowerdist.errors import FlowerdistError
@@ -77,6 +78,20 @@ def ensure_data(cfg: Config, accelerator: Accelerator) -> None:
 
             say(accelerator, f"flowerdist: generating synthetic flowers in {root} (first use)")
             generate(root, per_class=cfg.data.synthetic_per_class, size=cfg.data.synthetic_size, seed=cfg.train.seed)
+
+
+def checked_index(root: str, accelerator: Accelerator):
+    """Scan the folder; the main process decodes every image once, all ranks drop the same bad files."""
+    index = scan_folder(root)
+    skipped: list[dict[str, str]] = [{}]
+    if accelerator.is_main_process:
+        report = check_folder(index)
+        lines = report.lines()
+        say(accelerator, "flowerdist: " + "\n".join(lines if report.skipped or report.converted else lines[:1]))
+        skipped = [report.skipped]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(skipped)
+    return usable_index(index, skipped[0])
 
 
 def make_loader(dataset, sampler, cfg: Config, device: torch.device) -> torch.utils.data.DataLoader:
@@ -152,7 +167,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     # ---- run directory and data -------------------------------------------------------------
     run_dir = resolve_run_dir(cfg, accelerator)
     ensure_data(cfg, accelerator)
-    index = scan_folder(cfg.data.root)
+    index = checked_index(cfg.data.root, accelerator)
     train_idx, val_idx = stratified_split(index.labels, cfg.data.val_fraction, cfg.train.seed)
     sampler = ShardedSampler(
         train_idx, cfg.data.batch_size, accelerator.process_index, world, cfg.train.grad_accum_steps, cfg.train.seed
