@@ -36,6 +36,21 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
     )
 
 
+def check_world(accelerator: Accelerator) -> None:
+    """Refuse the silent launch traps: processes that were requested but did not form one group."""
+    env = os.environ
+    requested = env.get("WORLD_SIZE")
+    fix = "on CPUs use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 ... (launch/cpu_multi_process.yaml)"
+    if requested and int(requested) != accelerator.num_processes:
+        raise FlowerdistError(
+            f"the launcher started {requested} processes but each runs alone (world size {accelerator.num_processes}), "
+            f"e.g. --multi_gpu on a machine without GPUs; {fix}"
+        )
+    mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    if not requested and not mpi and "MASTER_PORT" in env and "ACCELERATE_USE_CPU" in env and accelerator.num_processes == 1:
+        raise FlowerdistError(f"accelerate launch --cpu --num_processes N silently runs ONE process (world size 1); {fix}")
+
+
 def say(accelerator: Accelerator, message: str) -> None:
     """Print once per run (global main process; `accelerator.print` prints once per node)."""
     if accelerator.is_main_process:

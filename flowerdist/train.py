@@ -41,7 +41,7 @@ from flowerdist.config import Config, save_config
 from flowerdist.data.dataset import FlowerDataset, eval_transform, save_split, scan_folder, stratified_split, train_transform
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.sampler import ShardedSampler, eval_shard
-from flowerdist.distributed import build_accelerator, convert_sync_batchnorm, describe_world, num_machines, say
+from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_world, num_machines, say
 from flowerdist.errors import FlowerdistError
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
@@ -158,6 +158,7 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> TrainResult:
     device = accelerator.device
     world = accelerator.num_processes
+    check_world(accelerator)
     say(accelerator, f"flowerdist: {describe_world(accelerator)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -142,6 +142,7 @@ _K: dict[str, tuple] = {
     "noise": (2.0, 9.0),  # sensor noise sigma, 0-255 scale
     "extra": (0.3, 0.4, 0.3),  # P(1, 2, 3 flowers)
     "radius": (0.55, 0.85),  # main flower radius, fraction of the image side
+    "spread": (0.32,),  # flower centres within 0.5 +- spread of the image side
     "crop": (0.2,),  # P(main flower centred near the border)
     "occlude": (0.2,),  # P(leaves / grass in front of the flowers)
 }
@@ -347,7 +348,7 @@ def render(class_name: str, rng: np.random.Generator, size: int = 128) -> Image.
             if rng.random() < 0.5:
                 cx, cy = cy, cx
         else:
-            cx, cy = rng.uniform(0.18, 0.82, 2) * w
+            cx, cy = (0.5 + rng.uniform(-1, 1, 2) * _K["spread"][0]) * w
         flowers.append((r, cx, cy))
     flowers.sort()  # smaller (farther) flowers first
     petals = _PETALS[class_name]
