@@ -258,6 +258,8 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
 
     def save(epoch_end: bool, improved: bool = False, acc: float | None = None) -> None:
         state.window_loss, state.window_micro_steps = steplog.snapshot(accelerator)
+        # never write weights that a NaN/inf loss has already spoiled (one collective, at save time only)
+        stop_if_diverged(accelerator.reduce(torch.tensor(state.window_loss, device=device), "sum").item(), state.global_step, run_dir)
         _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, state, logger, cfg.train.keep_last, improved, acc)
 
     bar = tqdm(total=total_steps, initial=state.global_step, disable=not (accelerator.is_main_process and cfg.log.progress), unit="step", dynamic_ncols=True)
@@ -293,11 +295,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
             last = state.global_step >= total_steps or epoch_steps == steps_per_epoch
             if steplog.should_log(state.global_step, last):
                 loss_value, rate = steplog.flush(accelerator)
-                if not math.isfinite(loss_value):
-                    raise FlowerdistError(
-                        f"training loss became {loss_value} at step {state.global_step}; lower optim.lr or set optim.clip_grad_norm "
-                        f"(the last good checkpoint is kept in {run_dir / 'checkpoints'})"
-                    )
+                stop_if_diverged(loss_value, state.global_step, run_dir)
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 logger.log(
@@ -314,6 +312,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         elapsed = time.perf_counter() - epoch_start
         done_steps = epoch_steps - state.micro_step // k
         train_loss = accelerator.reduce(train_loss_sum / max(1, epoch_steps * k), "mean").item()
+        stop_if_diverged(train_loss, state.global_step, run_dir)
         val = evaluate(
             accelerator.unwrap_model(model),
             val_loader,
@@ -355,6 +354,15 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(accelerator.unwrap_model(model))}", flush=True)
     say(accelerator, f"flowerdist: done; best val_acc {state.best_accuracy:.4f}; run directory {run_dir}")
     return TrainResult(run_dir, state.best_accuracy, metrics, state.global_step)
+
+
+def stop_if_diverged(loss: float, step: int, run_dir: Path) -> None:
+    """A NaN or infinite loss ends the run before it can overwrite a good checkpoint."""
+    if not math.isfinite(loss):
+        raise FlowerdistError(
+            f"training loss became {loss} by step {step}; lower optim.lr or set optim.clip_grad_norm "
+            f"(the last good checkpoint is kept in {run_dir / 'checkpoints'})"
+        )
 
 
 @dataclass
