@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from flowerdist.errors import FlowerdistError
+from flowerdist.errors import EXIT_PREEMPTED, FlowerdistError, Preempted
 
 
 def _train(args) -> None:
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except Preempted:
+        return EXIT_PREEMPTED
     except FlowerdistError as err:
         print(f"flowerdist: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -42,7 +43,7 @@ from flowerdist.data.dataset import FlowerDataset, eval_transform, save_split, s
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_world, num_machines, say
-from flowerdist.errors import FlowerdistError
+from flowerdist.errors import FlowerdistError, Preempted
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
 from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr
@@ -144,6 +145,31 @@ class StepLog:
         self.window_steps = 0
         self.window_start = time.perf_counter()
         return loss, rate
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm's warning before a time limit or preemption) ask for a clean stop.
+
+    The handler only sets a flag; ranks agree on it at the next log step (a collective the loop
+    already pays for), finish that step, checkpoint and exit with EXIT_PREEMPTED.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: Config) -> TrainResult:
@@ -262,6 +288,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         stop_if_diverged(accelerator.reduce(torch.tensor(state.window_loss, device=device), "sum").item(), state.global_step, run_dir)
         _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, state, logger, cfg.train.keep_last, improved, acc)
 
+    stop = StopSignal()
     bar = tqdm(total=total_steps, initial=state.global_step, disable=not (accelerator.is_main_process and cfg.log.progress), unit="step", dynamic_ncols=True)
     for epoch in range(state.epoch, cfg.train.epochs):
         if state.global_step >= total_steps:
@@ -302,6 +329,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
                     {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": rate, "epoch": epoch + epoch_steps / steps_per_epoch},
                     state.global_step,
                 )
+                if stop.agreed(accelerator) and not last:
+                    state.epoch, state.micro_step, state.epoch_loss_sum = epoch, epoch_steps * k, float(train_loss_sum)
+                    save(epoch_end=False)
+                    say(accelerator, f"flowerdist: stopped by a signal at step {state.global_step}; checkpoint saved; rerun with train.resume=auto to continue")
+                    raise Preempted()
             if last:
                 break
             if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0:
@@ -346,6 +378,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         )
         if accelerator.is_main_process:
             bar.write(summary) if cfg.log.progress else print(summary, flush=True)
+    stop.restore()
     bar.close()
     logger.close()
     if samples_file is not None:

@@ -102,3 +102,30 @@ def test_partial_checkpoint_is_skipped(tiny_data, tmp_path):
     (partial / "model.safetensors").write_bytes(b"\0" * 100)  # a half-written file
     out = run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=9", "train.resume=auto"))
     assert f"resuming from {good}" in out.stdout
+
+
+@pytest.mark.parametrize("nprocs, signum", [(1, signal.SIGTERM), (2, signal.SIGUSR1)], ids=["1proc-SIGTERM", "2procs-SIGUSR1"])
+def test_signal_checkpoints_exits_3_and_resumes_exactly(tiny_data, tmp_path, nprocs, signum):
+    extra = "data.batch_size=4" if nprocs == 2 else "data.batch_size=8"
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    launch(nprocs, *args(tiny_data, ref, extra, "train.checkpoint_every=0"))
+    proc = start(nprocs, args(tiny_data, cut, extra, "train.checkpoint_every=0"))
+    deadline = time.time() + 300
+    while max(logged_steps(cut) or [0]) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    if nprocs == 1:
+        os.kill(proc.pid, signum)
+    else:  # every training process gets the signal (the workers are the launcher's children)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2
+        for child in children:
+            os.kill(int(child), signum)
+    # one process exits with EXIT_PREEMPTED (3); under accelerate launch the workers do, and the
+    # launcher reports their failure as 1
+    assert proc.wait(timeout=120) == (3 if nprocs == 1 else 1)
+    steps = sorted(int(p.name.split("-")[1]) for p in (cut / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] < 60 and steps[-1] % 3 == 0  # saved at a log step mid-run
+    launch(nprocs, *args(tiny_data, cut, extra, "train.checkpoint_every=0", "train.resume=auto"))
+    a = load_file(ref / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
