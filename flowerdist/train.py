@@ -39,7 +39,7 @@ from flowerdist.checkpoint import (
     write_checkpoint,
 )
 from flowerdist.config import Config, save_config
-from flowerdist.data.dataset import FlowerDataset, eval_transform, save_split, scan_folder, stratified_split, train_transform
+from flowerdist.data.dataset import FlowerDataset, eval_transform, load_split, save_split, scan_folder, stratified_split, train_transform
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_world, num_machines, say
@@ -195,7 +195,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     run_dir = resolve_run_dir(cfg, accelerator)
     ensure_data(cfg, accelerator)
     index = checked_index(cfg.data.root, accelerator)
-    train_idx, val_idx = stratified_split(index.labels, cfg.data.val_fraction, cfg.train.seed)
+    saved_split = run_dir / "split.json"
+    if cfg.train.resume and saved_split.is_file():  # a resumed run keeps its split, whatever changed on disk
+        train_idx, val_idx = load_split(saved_split, index)
+    else:
+        train_idx, val_idx = stratified_split(index.labels, cfg.data.val_fraction, cfg.train.seed)
     sampler = ShardedSampler(
         train_idx, cfg.data.batch_size, accelerator.process_index, world, cfg.train.grad_accum_steps, cfg.train.seed
     )
@@ -208,7 +212,8 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     peak_lr = scaled_lr(cfg.optim, global_batch)
-    say(accelerator, 
+    say(
+        accelerator,
         f"flowerdist: global batch {global_batch} = {cfg.data.batch_size} per device x {world} processes x "
         f"{cfg.train.grad_accum_steps} accumulation; {steps_per_epoch} steps/epoch, {total_steps} steps; peak lr {peak_lr:.3g}; "
         f"{len(train_idx)} train / {len(val_idx)} val images, classes {list(index.classes)}"
@@ -218,7 +223,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(index.classes)}, indent=1))
-        save_split(run_dir / "split.json", index, train_idx, val_idx)
+        save_split(saved_split, index, train_idx, val_idx)
     accelerator.wait_for_everyone()
 
     # ---- model, optimizer, schedule ----------------------------------------------------------
@@ -282,7 +287,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         samples_file = open(run_dir / "samples" / f"rank{accelerator.process_index}.jsonl", "a")
     k = cfg.train.grad_accum_steps
 
-    def save(epoch_end: bool, improved: bool = False, acc: float | None = None) -> None:
+    def save(improved: bool = False, acc: float | None = None) -> None:
         state.window_loss, state.window_micro_steps = steplog.snapshot(accelerator)
         # never write weights that a NaN/inf loss has already spoiled (one collective, at save time only)
         stop_if_diverged(accelerator.reduce(torch.tensor(state.window_loss, device=device), "sum").item(), state.global_step, run_dir)
@@ -331,14 +336,14 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
                 )
                 if stop.agreed(accelerator) and not last:
                     state.epoch, state.micro_step, state.epoch_loss_sum = epoch, epoch_steps * k, float(train_loss_sum)
-                    save(epoch_end=False)
+                    save()
                     say(accelerator, f"flowerdist: stopped by a signal at step {state.global_step}; checkpoint saved; rerun with train.resume=auto to continue")
                     raise Preempted()
             if last:
                 break
             if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0:
                 state.epoch, state.micro_step, state.epoch_loss_sum = epoch, epoch_steps * k, float(train_loss_sum)
-                save(epoch_end=False)
+                save()
 
         # ---- epoch end: evaluate, checkpoint, summarise ---------------------------------------
         elapsed = time.perf_counter() - epoch_start
@@ -371,7 +376,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         improved = val["accuracy"] > state.best_accuracy
         state.best_accuracy = max(state.best_accuracy, val["accuracy"])
         state.epoch, state.micro_step, state.epoch_loss_sum = epoch + 1, 0, 0.0
-        save(epoch_end=True, improved=improved, acc=val["accuracy"])
+        save(improved=improved, acc=val["accuracy"])
         summary = (
             f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
             f"val_acc {val['accuracy']:.4f}  {rate:.1f} img/s  {elapsed:.1f} s"
