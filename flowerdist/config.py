@@ -114,6 +114,8 @@ class TrainConfig:
     """Training checkpoints kept (older ones are deleted; `best` is kept apart)."""
     resume: str = ""
     """"auto": continue the newest complete checkpoint in train.output_dir (if any); or a checkpoint path."""
+    dist_timeout_s: int = 600
+    """Seconds a collective may wait for a missing rank before the run fails (not the default 30 min)."""
     record_samples: bool = False
     """Write the dataset indices every rank trained on, per optimizer step, to samples/rank<R>.jsonl (audits sharding)."""
 
@@ -340,6 +342,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", "must lie in [0, 1)")
     need(cfg.train.log_every >= 1, "train.log_every", "must be at least 1")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be 0 (epoch ends only) or positive")
+    need(cfg.train.dist_timeout_s >= 10, "train.dist_timeout_s", "must be at least 10 seconds")
     need(cfg.train.keep_last >= 1, "train.keep_last", "must be at least 1")
     if cfg.train.resume == "auto" and not cfg.train.output_dir:
         raise FlowerdistError("train.resume=auto needs a fixed run directory: set train.output_dir=DIR (the same on every restart)")

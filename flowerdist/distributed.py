@@ -12,7 +12,10 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+from datetime import timedelta
+
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from accelerate.utils import gather_object
 
 from flowerdist.config import Config
@@ -33,6 +36,8 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
         # We step the scheduler once per optimizer step ourselves; Accelerate's default steps a
         # prepared scheduler num_processes times per step (accelerate #2926).
         step_scheduler_with_optimizer=False,
+        # A rank that dies must not leave the others waiting for the default 30 minutes.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
 
 

@@ -129,3 +129,19 @@ def test_signal_checkpoints_exits_3_and_resumes_exactly(tiny_data, tmp_path, npr
     a = load_file(ref / "checkpoints" / "last" / "model.safetensors")
     b = load_file(cut / "checkpoints" / "last" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dying_rank_ends_the_run_quickly(tiny_data, tmp_path):
+    """SIGKILL one of two ranks: the launcher stops the other and exits non-zero within a bounded time."""
+    run = tmp_path / "dies"
+    proc = start(2, args(tiny_data, run, "data.batch_size=4", "train.dist_timeout_s=60"))
+    deadline = time.time() + 300
+    while max(logged_steps(run) or [0]) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[1]), signal.SIGKILL)
+    killed = time.time()
+    assert proc.wait(timeout=90) != 0
+    assert time.time() - killed < 60
+    assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).returncode == 1  # nothing left running
