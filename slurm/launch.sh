@@ -79,10 +79,29 @@ PY
 
     echo "flowerdist/slurm: job $SLURM_JOB_ID: $nnodes node(s) x $per_node process(es) ($device)," \
          "head $FLOWERDIST_HEAD:$FLOWERDIST_PORT, mixed precision $FLOWERDIST_MIXED_PRECISION"
+    # Preemption and time limits: `#SBATCH --signal=B:USR1@120` warns this batch shell; we pass
+    # USR1 to every process of the job step (the training ranks checkpoint at their next log
+    # step and exit), then requeue the job. The requeued job runs this script again with the
+    # same arguments; `train.resume=auto` and a run directory named after the job id make it
+    # continue from that checkpoint. (A user's own train.output_dir/train.resume come later
+    # on the command line and win.)
+    preempted=0
+    trap 'preempted=1; echo "flowerdist/slurm: signal received, asking the ranks to checkpoint"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1 TERM
     # One task per node; if one node's launcher dies, end the others instead of
     # leaving them waiting at the rendezvous until the time limit.
-    exec srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-        bash "$SLURM_SUBMIT_DIR/slurm/launch.sh" --on-node "$config" "$@"
+    srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        bash "$SLURM_SUBMIT_DIR/slurm/launch.sh" --on-node "$config" \
+        "train.output_dir=runs/$(basename "${config%.*}")-slurm-$SLURM_JOB_ID" train.resume=auto "$@" &
+    srun_pid=$!
+    status=0
+    # `wait` returns early when a trapped signal arrives: keep waiting for srun itself.
+    while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid" || status=$?; done
+    if [ "$preempted" = 1 ]; then
+        echo "flowerdist/slurm: requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1))); it resumes from its checkpoint"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    exit "$status"
 fi
 
 # ---- from here on: once per node, under srun ----
@@ -115,6 +134,9 @@ if [ -z "${OMP_NUM_THREADS:-}" ] && [ -n "${SLURM_CPUS_ON_NODE:-}" ]; then
 fi
 
 echo "flowerdist/slurm: $(hostname) node $SLURMD_NODENAME machine_rank=$rank: accelerate launch ${args[*]}"
+# USR1 from the batch step reaches every process of this step: the training ranks handle it;
+# this shell and the launcher must not die of it (the children re-install their own handler).
+trap '' USR1
 # Not exec: the EXIT trap removes the temporary accelerate config afterwards.
 # Multi-node: an "Error waiting on exit barrier ... Failed to recv" traceback at the very
 # end is torch's launcher noticing that the head's launcher (it hosts the store) exited

@@ -236,6 +236,8 @@ MailProg=/bin/true
 SchedulerParameters=batch_sched_delay=0
 ReturnToService=2
 JobRequeue=1
+# A requeued job may start again once its old credential expires (default 120 s): keep it short.
+AuthInfo=cred_expire=5
 # Fast teardown of ended jobs; finished jobs stay visible to scontrol for 60 s.
 KillWait=2
 MinJobAge=60

@@ -96,3 +96,41 @@ def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path,
     run = read_run(run_dir)
     assert run["config"]["slurm_job_id"] == info["JobId"] and run["group"] == f"slurm-{info['JobId']}", run
     assert run["config"]["world_size"] == 2 and run["config"]["num_machines"] == nodes, run["config"]
+
+
+def test_preempted_job_requeues_resumes_and_matches(cluster: ClusterInfo, tiny_data: Path, tmp_path: Path) -> None:
+    """USR1 to the batch shell (what --signal=B:USR1@120 sends before a limit): the ranks checkpoint,
+    the job is requeued, resumes by itself and ends with the uninterrupted run's weights."""
+    import json
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import launch
+
+    common = [f"data.root={tiny_data}", "log.wandb=disabled", "data.batch_size=4", "data.image_size=64",
+              "data.num_workers=0", "train.epochs=3", "train.log_every=3", "log.progress=false"]
+    ref = tmp_path / "ref"
+    launch(2, "-c", "configs/quickstart.yaml", *common, f"train.output_dir={ref}")
+
+    run_dir = tmp_path / "run"
+    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "2", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    job = cluster.submit("slurm/single_node.sbatch", ["configs/quickstart.yaml", *common, f"train.output_dir={run_dir}"],
+                         env=env, cwd=REPO, sbatch_args=[f"--output={tmp_path}/%x-%j.out"])
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics.is_file() and max((json.loads(l)["step"] for l in metrics.read_text().splitlines() if l), default=0) >= 6:
+            break
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)
+    info = cluster.wait_job(job, 400)
+    log = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("*.out"))
+    why = _describe(info, log, cluster)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, why
+    assert "requeueing job" in log and "stopped by a signal at step" in log and "resuming from" in log, why
+    assert "(epoch 0, step" in log or "(epoch 1, step" in log or "(epoch 2, step" in log, why  # resumed mid-run
+    a = load_file(ref / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), why

@@ -140,10 +140,10 @@ _K: dict[str, tuple] = {
     "grass": (0, 6),  # grass strokes behind the flowers
     "leaves": (0, 3),  # loose leaves behind the flowers
     "noise": (2.0, 9.0),  # sensor noise sigma, 0-255 scale
-    "extra": (0.3, 0.4, 0.3),  # P(1, 2, 3 flowers)
-    "radius": (0.55, 0.85),  # main flower radius, fraction of the image side
-    "spread": (0.32,),  # flower centres within 0.5 +- spread of the image side
-    "crop": (0.2,),  # P(main flower centred near the border)
+    "extra": (0.65, 0.25, 0.1),  # P(1, 2, 3 flowers)
+    "radius": (0.38, 0.55),  # main flower radius, fraction of the image side
+    "spread": (0.1,),  # flower centres within 0.5 +- spread of the image side
+    "crop": (0.1,),  # P(main flower centred near the border)
     "occlude": (0.2,),  # P(leaves / grass in front of the flowers)
 }
 
@@ -152,9 +152,9 @@ _K: dict[str, tuple] = {
 
 def _daisy(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Color) -> None:
     """12-26 separate long thin petals with gaps, round a domed yellow disc with a dark rim."""
-    n = int(rng.integers(14, 26))
+    n = int(rng.integers(12, 22))
     phase = rng.uniform(0, 2 * math.pi)
-    length = rng.uniform(0.72, 0.88)
+    length = rng.uniform(0.68, 0.82)
     width = rng.uniform(0.06, 0.09)
     for layer in range(2 if rng.random() < 0.3 else 1):
         a = phase + (np.arange(n) + 0.5 * layer) * 2 * math.pi / n + rng.normal(0, 0.04, n)
@@ -162,8 +162,8 @@ def _daisy(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Co
         polys = _petals(0.15, 0.15 + ln, width * rng.uniform(0.85, 1.15, n), a, 0.05)
         _fill(d, v(polys), color, rng.uniform(0.88, 1.04, n) - 0.12 * layer, _shade(color, 0.7))
     centre = _jitter(rng, _pick(rng, (YELLOW, GOLD), (0.7, 0.3)), 10)
-    rc = rng.uniform(0.18, 0.26)
-    _fill(d, v(_ellipses(0, 0, rc, rc, 0, 18)), centre, 1.0, _shade(centre, 0.45), _line_width(v, 0.035))
+    rc = rng.uniform(0.22, 0.3)
+    _fill(d, v(_ellipses(0, 0, rc, rc, 0, 18)), centre, 1.0, _shade(centre, 0.4), _line_width(v, 0.045))
     k = int(rng.integers(8, 16))  # disc texture
     a, rr = rng.uniform(0, 2 * math.pi, k), rc * np.sqrt(rng.random(k)) * 0.75
     _fill(d, v(_ellipses(rr * np.cos(a), rr * np.sin(a), 0.03, 0.03, 0, 6)), centre, 0.7)
@@ -247,7 +247,9 @@ def _tulip(d: ImageDraw.ImageDraw, rng: np.random.Generator, v: _View, color: Co
         tp = top + (0.12 if front else 0.0) + rng.normal(0, 0.04)
         pts = _petals(0.0, 0.5 - tp, pw, -math.pi / 2, pointed, 10) + (x, 0.5)
         f = rng.uniform(0.9, 1.05) if front else rng.uniform(0.65, 0.8)
-        _fill(d, v(pts), color, f, _shade(color, 0.55), edge)
+        _fill(d, v(pts), color, f)
+        if front:  # a soft crease down the middle of the petal
+            d.line(v(np.array([[x, 0.45], [x, tp + 0.25]])), fill=_shade(color, f * 0.8), width=edge)
     base = _ellipses(0, 0.3, width * 0.55, 0.22, 0, 16)[0]  # rounded bottom joining the petals
     _fill(d, v(base[None, base[:, 1] >= 0.28]), color, 0.85)
 
