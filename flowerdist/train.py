@@ -191,6 +191,10 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
+    # A bad model.name, shortcut or image size fails here, before any data work (meta: no memory).
+    with torch.device("meta"):
+        create_model(cfg.model.name, num_classes=2, shortcut=cfg.model.shortcut, image_size=cfg.data.image_size, init_weights=False)
+
     # ---- run directory and data -------------------------------------------------------------
     run_dir = resolve_run_dir(cfg, accelerator)
     ensure_data(cfg, accelerator)

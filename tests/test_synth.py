@@ -1,58 +1,101 @@
-"""The generated flower set: deterministic, laid out like flower_photos, and not a colour task."""
+"""The procedural flower set: layout, determinism, decodable JPEGs, and colour alone not enough."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from flowerdist.data import FLOWER_CLASSES
-from flowerdist.data.synth import generate
+from flowerdist.data.synth import generate, render
 from flowerdist.errors import FlowerdistError
+
+PER_CLASS = 30
+SIZE = 64
+
+
+def _files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("s") / "flowers", per_class=30, size=64, seed=3)
+def synth_set(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synth") / "flowers", per_class=PER_CLASS, size=SIZE, seed=0)
 
 
-def files(root):
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+def test_layout_and_counts(synth_set):
+    assert sorted(p.name for p in synth_set.iterdir()) == list(FLOWER_CLASSES)
+    for name in FLOWER_CLASSES:
+        files = sorted(p.name for p in (synth_set / name).iterdir())
+        assert files == [f"{name}_{i:05d}.jpg" for i in range(PER_CLASS)]
+    assert not [p for p in synth_set.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
-def test_layout_and_images(small):
-    assert sorted(p.name for p in small.iterdir()) == list(FLOWER_CLASSES)
-    assert all(len(list((small / c).glob("*.jpg"))) == 30 for c in FLOWER_CLASSES)
-    with Image.open(small / "roses" / "roses_00007.jpg") as img:
-        assert img.format == "JPEG" and img.size == (64, 64) and img.mode == "RGB"
+def test_jpegs_decode_at_the_requested_size(synth_set):
+    for name in FLOWER_CLASSES:
+        for path in list((synth_set / name).iterdir())[:5]:
+            with Image.open(path) as img:
+                assert img.format == "JPEG"
+                img.load()
+                assert img.size == (SIZE, SIZE) and img.mode == "RGB"
 
 
-def test_same_seed_same_bytes_other_seed_other_images(small, tmp_path):
-    again = generate(tmp_path / "again", per_class=30, size=64, seed=3, workers=2)
-    assert files(again) == files(small)
-    assert all((again / f).read_bytes() == (small / f).read_bytes() for f in files(small))
-    other = generate(tmp_path / "other", per_class=30, size=64, seed=4)
-    assert (other / "daisy" / "daisy_00000.jpg").read_bytes() != (small / "daisy" / "daisy_00000.jpg").read_bytes()
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(synth_set, tmp_path):
+    again = generate(tmp_path / "again", per_class=PER_CLASS, size=SIZE, seed=0)
+    other = generate(tmp_path / "other", per_class=PER_CLASS, size=SIZE, seed=1)
+    files = _files(synth_set)
+    assert _files(again) == files == _files(other)
+    assert all((synth_set / f).read_bytes() == (again / f).read_bytes() for f in files)
+    differ = sum((synth_set / f).read_bytes() != (other / f).read_bytes() for f in files)
+    assert differ == len(files)
 
 
-def test_refuses_to_overwrite(small):
-    with pytest.raises(FlowerdistError, match="exists"):
-        generate(small, per_class=2, size=32)
+def test_workers_give_the_same_bytes(tmp_path):
+    one = generate(tmp_path / "one", per_class=3, size=32, seed=5)
+    two = generate(tmp_path / "two", per_class=3, size=32, seed=5, workers=2)
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in _files(one))
 
 
-def test_colour_alone_does_not_separate_the_classes(small):
-    """Nearest class centroid on a coarse colour histogram, fitted on half, scored on the other half."""
+def test_colour_alone_does_not_separate_the_classes(synth_set):
+    """Nearest centroid on the mean RGB of each image, trained on even indices, tested on odd ones."""
+    feats, labels = [], []
+    for ci, name in enumerate(FLOWER_CLASSES):
+        for path in sorted((synth_set / name).iterdir()):
+            with Image.open(path) as img:
+                feats.append(np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0))
+            labels.append(ci)
+    x, y = np.stack(feats), np.array(labels)
+    train = np.arange(len(y)) % 2 == 0
+    centroids = np.stack([x[train & (y == k)].mean(0) for k in range(len(FLOWER_CLASSES))])
+    pred = np.argmin(((x[~train, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    accuracy = (pred == y[~train]).mean()
+    assert accuracy < 0.6, accuracy  # chance is 0.2; shape, not colour, must tell the classes apart
 
-    def feature(path):
-        a = np.asarray(Image.open(path).convert("RGB")) // 64  # 4 levels per channel
-        h = np.bincount((a[..., 0] * 16 + a[..., 1] * 4 + a[..., 2]).ravel(), minlength=64)
-        return h / h.sum()
 
-    X = {c: np.stack([feature(p) for p in sorted((small / c).glob("*.jpg"))]) for c in FLOWER_CLASSES}
-    centroids = np.stack([X[c][::2].mean(0) for c in FLOWER_CLASSES])
-    correct = total = 0
-    for label, c in enumerate(FLOWER_CLASSES):
-        for x in X[c][1::2]:
-            correct += int(np.argmin(((centroids - x) ** 2).sum(1)) == label)
-            total += 1
-    assert correct / total < 0.6, f"colour histograms alone reach {correct / total:.2f}"
+def test_existing_non_empty_out_is_refused(synth_set):
+    before = _files(synth_set)
+    with pytest.raises(FlowerdistError, match=re.escape(str(synth_set)) + ".*already exists.*--out"):
+        generate(synth_set, per_class=1, size=SIZE)
+    assert _files(synth_set) == before
+
+
+def test_empty_existing_out_is_filled(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = generate(tmp_path / "empty", per_class=1, size=32)
+    assert len(_files(out)) == len(FLOWER_CLASSES)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag", [({"per_class": 0}, "--per-class"), ({"size": 8}, "--size"), ({"seed": -1}, "--seed")]
+)
+def test_bad_arguments_name_the_flag(tmp_path, kwargs, flag):
+    with pytest.raises(FlowerdistError, match=flag):
+        generate(tmp_path / "x", **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_render_rejects_an_unknown_class():
+    with pytest.raises(FlowerdistError, match="daisy"):
+        render("orchid", np.random.default_rng(0), 32)

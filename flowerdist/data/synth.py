@@ -9,7 +9,15 @@ and tulips, white daisies, roses and tulips...), so colour alone does not tell t
 Scale, position, rotation, lighting, clutter, extra flowers, occlusion and border cropping vary.
 
 Every image is drawn from its own `numpy.random.Generator` seeded with ``(seed, class, index)``:
-the same arguments give byte-identical files, whatever the number of workers.
+the same arguments give byte-identical files, whatever the number of workers. 1,000 images of
+128 px take about 10 s on one core.
+
+Calibration (`_K`): the tutorial's small residual network (seed_resnet) trained on 200 images per
+class at 128 px (80/20 split, 96 px inputs, RandomResizedCrop + flip, AdamW, batch 32, 8 epochs)
+goes from about 50% validation accuracy after epoch 1 to 85-94% after epoch 8, while colour alone
+(mean RGB or a 64-bin colour histogram, linear classifier) stays at 30-40%. The classes are told
+apart by shape, not colour; more position/scale spread or clutter makes them markedly harder for
+that network, which has no global pooling.
 """
 
 from __future__ import annotations
@@ -135,6 +143,7 @@ def _line_width(v: _View, frac: float) -> int:
 
 
 #: Difficulty knobs, calibrated so that a small CNN needs a few epochs (see the module docstring).
+#: (low, high) pairs are uniform ranges or [low, high) counts; single values are probabilities.
 _K: dict[str, tuple] = {
     "blobs": (3, 8),  # out-of-focus background blobs, [low, high)
     "grass": (0, 6),  # grass strokes behind the flowers
@@ -300,7 +309,7 @@ def _background(rng: np.random.Generator, w: int) -> Image.Image:
 def _grass(d: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, n: int) -> None:
     x, y0 = rng.uniform(0, w, n), w * rng.uniform(0.7, 1.1, n)
     ln, a = w * rng.uniform(0.15, 0.6, n), -math.pi / 2 + rng.normal(0, 0.3, n)
-    widths = rng.integers(1, 4, n) * w // 128
+    widths = np.maximum(1, rng.integers(1, 4, n) * w // 128)
     segs = np.stack([x, y0, x + ln * np.cos(a), y0 + ln * np.sin(a)], axis=1).tolist()
     for seg, lw in zip(segs, widths):
         d.line(seg, fill=_shade(_jitter(rng, (70, 130, 50), 25), 1.0), width=int(lw))
@@ -335,7 +344,9 @@ def _lighting(rng: np.random.Generator, img: Image.Image) -> np.ndarray:
 
 
 def render(class_name: str, rng: np.random.Generator, size: int = 128) -> Image.Image:
-    """Draw one `size` x `size` RGB image of `class_name` from `rng`."""
+    """Draw one `size` x `size` RGB image of `class_name` (one of `FLOWER_CLASSES`) from `rng`."""
+    if class_name not in _DRAW:
+        raise FlowerdistError(f"no synthetic flower class {class_name!r}: use one of {', '.join(FLOWER_CLASSES)}")
     w = size * _SS
     img = _background(rng, w)
     d = ImageDraw.Draw(img)
@@ -395,11 +406,11 @@ def generate(out: str | Path, per_class: int = 200, size: int = 128, seed: int =
     """
     out = Path(out)
     if per_class < 1:
-        raise FlowerdistError(f"per_class must be at least 1, got {per_class}: pass a positive image count")
+        raise FlowerdistError(f"per_class={per_class} makes no images: pass --per-class 1 or more")
     if size < 16:
-        raise FlowerdistError(f"image size must be at least 16 px, got {size}: pass a larger size")
+        raise FlowerdistError(f"size={size} px is too small to draw flowers: pass --size 16 or more")
     if seed < 0:
-        raise FlowerdistError(f"seed must be a non-negative integer, got {seed}: pass seed >= 0")
+        raise FlowerdistError(f"seed={seed} is negative: pass a --seed of 0 or more")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FlowerdistError(f"{out} already exists: choose another --out or delete it")
     out.parent.mkdir(parents=True, exist_ok=True)
