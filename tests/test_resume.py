@@ -108,19 +108,6 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs, unint
     assert len(list((cut / "checkpoints").glob("step-*"))) == 2
 
 
-def test_partial_checkpoint_is_skipped(tiny_data, tmp_path):
-    """A kill during a save leaves a .tmp-* folder: resume=auto ignores it and the last good checkpoint stays."""
-    run = tmp_path / "run"
-    run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=7"))
-    ckpts = run / "checkpoints"
-    good = sorted(ckpts.glob("step-*"))[-1]
-    partial = ckpts / ".tmp-step-00000009"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"\0" * 100)  # a half-written file
-    out = run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=9", "train.resume=auto"))
-    assert f"resuming from {good}" in out.stdout
-
-
 @pytest.mark.parametrize("nprocs, signum", [(1, signal.SIGTERM), (2, signal.SIGUSR1)], ids=["1proc-SIGTERM", "2procs-SIGUSR1"])
 def test_signal_checkpoints_exits_3_and_resumes_exactly(tiny_data, tmp_path, nprocs, signum, uninterrupted):
     extra = batch(nprocs)
@@ -161,3 +148,26 @@ def test_a_dying_rank_ends_the_run_quickly(tiny_data, tmp_path):
     assert proc.wait(timeout=90) != 0
     assert time.time() - killed < 60
     assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).returncode == 1  # nothing left running
+
+
+def test_kill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_path):
+    """SIGKILL a process while it writes a (large) checkpoint: `last` and resume=auto still use the previous one."""
+    run = tmp_path / "run"
+    run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=7"))
+    root = run / "checkpoints"
+    before = (root / "last").resolve()
+    writer = (
+        "import sys, torch; from pathlib import Path; from flowerdist.checkpoint import write_checkpoint\n"
+        "write_checkpoint(Path(sys.argv[1]), 'step-00000099', {'w': torch.ones(400_000_000)}, {'step': 99}, {'x': 1}, link='last')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(root)], cwd=REPO)
+    partial = root / ".tmp-step-00000099" / "model.safetensors"
+    deadline = time.time() + 120
+    while not (partial.is_file() and partial.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (root / "step-00000099").exists() and (root / ".tmp-step-00000099").exists()  # killed mid-write
+    assert (root / "last").resolve() == before
+    out = run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=9", "train.resume=auto")).stdout
+    assert f"resuming from {before}" in out
