@@ -127,7 +127,7 @@ class StepLog:
         self.window_steps += 1
         return step % self.every == 0 or last
 
-    def snapshot(self, accelerator: Accelerator) -> tuple[float, int]:
+    def snapshot(self) -> tuple[float, int]:
         """The un-logged window (for a checkpoint): a host sync, done only when saving."""
         return float(self.loss_sum), self.micro_steps
 
@@ -292,7 +292,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     k = cfg.train.grad_accum_steps
 
     def save(improved: bool = False, acc: float | None = None) -> None:
-        state.window_loss, state.window_micro_steps = steplog.snapshot(accelerator)
+        state.window_loss, state.window_micro_steps = steplog.snapshot()
         # never write weights that a NaN/inf loss has already spoiled (one collective, at save time only)
         stop_if_diverged(accelerator.reduce(torch.tensor(state.window_loss, device=device), "sum").item(), state.global_step, run_dir)
         _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, state, logger, cfg.train.keep_last, improved, acc)
@@ -422,9 +422,8 @@ class Counters:
 
 def _save(run_dir, model, optimizer, scheduler, accelerator, meta_base, state: Counters, logger, keep_last, improved, acc) -> None:
     """All ranks call this: each contributes its RNG and counters; the main process writes."""
-    per_rank = gather_object([{"rng": rng_state(), "counters": asdict(state)}]) if accelerator.num_processes > 1 else [
-        {"rng": rng_state(), "counters": asdict(state)}
-    ]
+    mine = [{"rng": rng_state(), "counters": asdict(state)}]
+    per_rank = gather_object(mine) if accelerator.num_processes > 1 else mine
     if accelerator.is_main_process:
         root = run_dir / "checkpoints"
         weights = unwrapped_state_dict(accelerator.unwrap_model(model))

@@ -1,10 +1,10 @@
 """Bad input in image folders: convert what can be converted, skip what cannot, say so.
 
-Every image is opened and fully decoded once before training (about 2 s for the 3,670
-flower photos): truncated or corrupt files, zero-byte files, non-images with image
-extensions and decompression bombs are skipped with their names in the log; grayscale,
-CMYK, palette and alpha images are converted to RGB when loaded. A class left without
-images stops the run before any work.
+Every image is opened and fully decoded once before training (measured on 2 busy cores: 200
+original photos in 0.4 s, 2,934 photos at 192 px in 2.9 s). Truncated or corrupt files,
+zero-byte files, non-images with image extensions and decompression bombs are skipped with
+their names in the log; grayscale, CMYK, palette and alpha images are converted to RGB when
+loaded. A class left without images stops the run before any work.
 """
 
 from __future__ import annotations
