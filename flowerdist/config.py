@@ -56,6 +56,12 @@ class DataConfig:
     """Fraction of every class held out for validation (stratified, seeded by train.seed)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 loads in the training process)."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead (with num_workers > 0)."""
+    cache: bool = False
+    """Fast data path: decode every image once into a memory-mapped uint8 cache shared by the ranks of a node."""
+    cache_dir: str = ""
+    """Where the decoded-image cache lives ("": `<data.root>/.flowerdist-cache`)."""
     min_scale: float = 0.35
     """Smallest area fraction of RandomResizedCrop for training."""
 
@@ -326,6 +332,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.image_size >= 16, "data.image_size", "must be at least 16 pixels")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must lie strictly between 0 and 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    need(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
     need(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", "must lie in (0, 1]")
     need(cfg.data.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
     need(cfg.data.synthetic_size >= 16, "data.synthetic_size", "must be at least 16 pixels")

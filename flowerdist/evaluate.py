@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flowerdist.data.dataset import to_model_input
+
 
 @torch.no_grad()
 def evaluate(
@@ -35,7 +37,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels, *_ in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        images = to_model_input(images, device, memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast():
             logits = model(images)

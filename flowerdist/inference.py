@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from flowerdist.checkpoint import read_meta, read_weights, resolve_checkpoint
 from flowerdist.config import Config, apply_overrides, config_from_dict
-from flowerdist.data.dataset import IMAGE_EXTENSIONS, FlowerDataset, eval_transform, load_rgb, load_split, scan_folder
+from flowerdist.data.dataset import IMAGE_EXTENSIONS, FlowerDataset, eval_transform, load_rgb, load_split, scan_folder, to_model_input
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.errors import FlowerdistError
 from flowerdist.evaluate import evaluate
@@ -95,8 +96,8 @@ def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_s
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        batch = torch.stack([transform(_open(f)) for f in chunk])
-        probs = model(batch).softmax(1)
+        batch = torch.stack([transform(pil_to_tensor(_open(f))) for f in chunk])
+        probs = model(to_model_input(batch, torch.device("cpu"))).softmax(1)
         top = probs.topk(topk, dim=1)
         for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
             results.append({"image": str(f), "predictions": [{"class": classes[k], "probability": v} for v, k in zip(p, i)]})

@@ -39,7 +39,18 @@ from flowerdist.checkpoint import (
     write_checkpoint,
 )
 from flowerdist.config import Config, save_config
-from flowerdist.data.dataset import FlowerDataset, eval_transform, load_split, save_split, scan_folder, stratified_split, train_transform
+from flowerdist.data.cache import cache_root, open_cache
+from flowerdist.data.dataset import (
+    FlowerDataset,
+    eval_resize,
+    eval_transform,
+    load_split,
+    save_split,
+    scan_folder,
+    stratified_split,
+    to_model_input,
+    train_transform,
+)
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_world, num_machines, say
@@ -95,7 +106,23 @@ def checked_index(root: str, accelerator: Accelerator):
     return usable_index(index, skipped[0])
 
 
+def open_decoded_cache(cfg: Config, index, accelerator: Accelerator):
+    """`data.cache=true`: the local main process of each node builds the cache once, the other ranks then map it."""
+    if not cfg.data.cache:
+        return None
+    with accelerator.local_main_process_first():
+        return open_cache(
+            index,
+            eval_resize(cfg.data.image_size),
+            cache_root(cfg.data.root, cfg.data.cache_dir),
+            build=accelerator.is_local_main_process,
+            workers=cfg.data.num_workers,
+            log=lambda m: say(accelerator, m),
+        )
+
+
 def make_loader(dataset, sampler, cfg: Config, device: torch.device) -> torch.utils.data.DataLoader:
+    """Workers stay alive across epochs and prefetch; pinned host memory makes the uint8 copies to a GPU asynchronous."""
     workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(
         dataset,
@@ -104,20 +131,30 @@ def make_loader(dataset, sampler, cfg: Config, device: torch.device) -> torch.ut
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
     )
 
 
 class StepLog:
-    """Keeps the running loss on the device and syncs it only every `every` optimizer steps."""
+    """Keeps the running loss on the device and syncs it only every `every` optimizer steps.
+
+    Windows are back to back: each ends where the next begins, so logging, checkpoint and metric
+    costs inside an epoch count against images/s. Only the epoch-end evaluation between epochs is
+    left out (`new_epoch`). `data_wait` is the share of the window the loop spent waiting for the
+    DataLoader: near 0 when the model is the bottleneck, near 1 when the data path is.
+    """
 
     def __init__(self, every: int, device: torch.device, images_per_step: int):
         self.every = every
         self.images_per_step = images_per_step
         self.loss_sum = torch.zeros((), device=device)
         self.micro_steps = 0
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
         self.window_start = time.perf_counter()
         self.window_steps = 0
+        self.data_wait = 0.0
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach().float()
@@ -135,16 +172,19 @@ class StepLog:
         self.loss_sum.fill_(loss_sum)
         self.micro_steps = micro_steps
 
-    def flush(self, accelerator: Accelerator) -> tuple[float, float]:
-        """Mean loss over the window and all ranks, and global images/s (one host sync)."""
+    def flush(self, accelerator: Accelerator) -> tuple[float, float, float]:
+        """Mean loss over the window and all ranks, global images/s and the data-wait share (one host sync)."""
         loss = accelerator.reduce(self.loss_sum / max(1, self.micro_steps), "mean").item()
-        elapsed = time.perf_counter() - self.window_start
-        rate = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
+        now = time.perf_counter()
+        elapsed = max(now - self.window_start, 1e-9)
+        rate = self.window_steps * self.images_per_step / elapsed
+        wait = self.data_wait / elapsed
         self.loss_sum.zero_()
         self.micro_steps = 0
         self.window_steps = 0
-        self.window_start = time.perf_counter()
-        return loss, rate
+        self.data_wait = 0.0
+        self.window_start = now
+        return loss, rate, wait
 
 
 class StopSignal:
@@ -207,8 +247,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
     sampler = ShardedSampler(
         train_idx, cfg.data.batch_size, accelerator.process_index, world, cfg.train.grad_accum_steps, cfg.train.seed
     )
-    train_loader = make_loader(FlowerDataset(index, train_transform(cfg.data.image_size, cfg.data.min_scale), cfg.train.seed), sampler, cfg, device)
-    val_loader = make_loader(FlowerDataset(index, eval_transform(cfg.data.image_size)), eval_shard(val_idx, accelerator.process_index, world), cfg, device)
+    cache = open_decoded_cache(cfg, index, accelerator)
+    train_set = FlowerDataset(index, train_transform(cfg.data.image_size, cfg.data.min_scale), cfg.train.seed, cache=cache)
+    train_loader = make_loader(train_set, sampler, cfg, device)
+    val_set = FlowerDataset(index, eval_transform(cfg.data.image_size), cache=cache)
+    val_loader = make_loader(val_set, eval_shard(val_idx, accelerator.process_index, world), cfg, device)
 
     global_batch = cfg.data.batch_size * world * cfg.train.grad_accum_steps
     steps_per_epoch = sampler.steps_per_epoch
@@ -307,10 +350,18 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
         epoch_steps = state.micro_step // k
         train_loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
         model.train()
-        for images, labels, indices in train_loader:
+        steplog.new_epoch()
+        batches = iter(train_loader)
+        while True:
+            wait_start = time.perf_counter()
+            batch = next(batches, None)
+            steplog.data_wait += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            images, labels, indices = batch
             if samples_file is not None:
                 samples_file.write(json.dumps({"epoch": epoch, "step": state.global_step + 1, "indices": indices.tolist()}) + "\n")
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            images = to_model_input(images, device, memory_format)
             labels = labels.to(device, non_blocking=True)
             with accelerator.accumulate(model):
                 loss = criterion(model(images), labels)
@@ -330,12 +381,18 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None) -> Tra
             bar.update()
             last = state.global_step >= total_steps or epoch_steps == steps_per_epoch
             if steplog.should_log(state.global_step, last):
-                loss_value, rate = steplog.flush(accelerator)
+                loss_value, rate, wait = steplog.flush(accelerator)
                 stop_if_diverged(loss_value, state.global_step, run_dir)
                 lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", data=f"{wait:.0%}", refresh=False)
                 logger.log(
-                    {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": rate, "epoch": epoch + epoch_steps / steps_per_epoch},
+                    {
+                        "train/loss": loss_value,
+                        "train/lr": lr,
+                        "train/images_per_s": rate,
+                        "train/data_wait": wait,
+                        "epoch": epoch + epoch_steps / steps_per_epoch,
+                    },
                     state.global_step,
                 )
                 if stop.agreed(accelerator) and not last:

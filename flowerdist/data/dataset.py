@@ -7,6 +7,7 @@ depend on the number of ranks, DataLoader workers, or where a run was resumed.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from flowerdist.errors import FlowerdistError
 
@@ -112,29 +114,74 @@ def load_split(path: Path, index: ImageFolderIndex) -> tuple[list[int], list[int
     return [pos[f] for f in data["train"]], [pos[f] for f in data["val"]]
 
 
+class RandomResizedCrop:
+    """torchvision's RandomResizedCrop (same scale/ratio rule, same fallback) with its random draws taken
+    as fractions of the image instead of pixel offsets.
+
+    Why: the same seeded draws then cut the same region from an original photo and from its
+    pre-resized copy in the decoded cache (`flowerdist.data.cache`), so both data paths train on
+    the same crops, differing only by resampling.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size = [size, size]
+        self.scale = scale
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.ratio = ratio
+
+    def params(self, height: int, width: int) -> tuple[int, int, int, int]:
+        area = height * width
+        for _ in range(10):
+            u_area, u_ratio, u_top, u_left = torch.rand(4).tolist()
+            target = area * (self.scale[0] + u_area * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(self.log_ratio[0] + u_ratio * (self.log_ratio[1] - self.log_ratio[0]))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+        in_ratio = width / height  # fallback: the largest centred crop within the ratio range
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            h, w = height, round(height * self.ratio[1])
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = self.params(*image.shape[-2:])
+        return v2.functional.resized_crop(image, top, left, h, w, self.size, antialias=True)
+
+
 def train_transform(image_size: int, min_scale: float = 0.35) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    """Random crop + flip on uint8 CHW tensors; scaling to float and normalising happen on the device."""
+    return v2.Compose([RandomResizedCrop(image_size, scale=(min_scale, 1.0)), v2.RandomHorizontalFlip()])
+
+
+def eval_resize(image_size: int) -> int:
+    """Short side before the centre crop: the standard 0.875 crop ratio (256 for 224)."""
+    return round(image_size / 0.875)
 
 
 def eval_transform(image_size: int) -> v2.Compose:
-    """Resize the short side to image_size / 0.875, then centre-crop (the standard eval crop)."""
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(round(image_size / 0.875), antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    """Resize the short side to `eval_resize(image_size)`, then centre-crop (uint8 in, uint8 out)."""
+    return v2.Compose([v2.Resize(eval_resize(image_size), antialias=True), v2.CenterCrop(image_size)])
+
+
+_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def to_model_input(images: torch.Tensor, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """uint8 batch -> normalised float on `device`.
+
+    Batches travel as uint8 (4x fewer bytes through worker shared memory and host-to-device
+    copies than float32); the scaling and ImageNet normalisation run on the device.
+    """
+    if device not in _STATS:
+        _STATS[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _STATS[device]
+    x = images.to(device, non_blocking=True).to(memory_format=memory_format)
+    return x.float().sub_(mean).div_(std)
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -143,23 +190,32 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 class FlowerDataset(torch.utils.data.Dataset):
-    """Items are `(image, label, index)`, looked up by `(epoch, index)` keys from `ShardedSampler` (or plain indices).
+    """Items are `(uint8 image, label, index)`, looked up by `(epoch, index)` keys from `ShardedSampler` (or plain indices).
 
+    Images come from the folder (decoded per item) or, with `cache`, from the decoded-image cache
+    (`flowerdist.data.cache`); both give item i of the same index, so labels and order agree.
     The random augmentation of item `index` in `epoch` is seeded from (seed, epoch, index),
     which makes a sample's pixels independent of rank, worker and resume position.
     """
 
-    def __init__(self, index: ImageFolderIndex, transform, seed: int = 0):
+    def __init__(self, index: ImageFolderIndex, transform, seed: int = 0, cache=None):
         self.index = index
         self.transform = transform
         self.seed = seed
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def image(self, i: int) -> torch.Tensor:
+        """Item i as a uint8 CHW tensor, before augmentation."""
+        if self.cache is not None:
+            return self.cache[i]
+        return pil_to_tensor(load_rgb(self.index.root / self.index.files[i]))
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        image = load_rgb(self.index.root / self.index.files[i])
+        image = self.image(i)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
             tensor = self.transform(image)

@@ -1,0 +1,152 @@
+"""The decoded-image cache: the fast data path, chosen by `data.cache=true`.
+
+On a GPU a ResNet-50 with AMP consumes thousands of images per second and JPEG decoding on the
+CPU becomes the bottleneck. With the cache every usable image is decoded once, resized so its
+short side is `eval_resize(image_size)` (the size evaluation resizes to anyway) and stored as
+uint8 CHW in one flat file. Every rank memory-maps that file: the page cache holds one copy per
+node, shared by all ranks and DataLoader workers, and a sample costs a memory copy plus a crop
+of a small image instead of a JPEG decode. Each rank reads only the items its sampler yields,
+so the per-rank sharding is unchanged.
+
+The same samples as the folder path: item i is `index.files[i]` with `index.labels[i]`.
+Evaluation crops are bit-identical (resizing an image to the size it already has is a no-op);
+training crops follow the same seeded recipe on the pre-resized image, and are bit-identical
+when the originals are no larger than the cache's short side.
+
+The cache lives in `data.cache_dir` (default `<data.root>/.flowerdist-cache`) under a key of the
+file list (path, size, mtime, label) and the short side: a changed folder or image size builds
+a new cache instead of reading a stale one. Building is atomic (a temporary folder renamed when
+complete), so a killed build never leaves a cache that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from flowerdist.data.dataset import ImageFolderIndex, load_rgb
+from flowerdist.errors import FlowerdistError
+
+CACHE_VERSION = 1
+
+
+def cache_root(data_root: str, cache_dir: str) -> Path:
+    return Path(cache_dir) if cache_dir else Path(data_root) / ".flowerdist-cache"
+
+
+def cache_key(index: ImageFolderIndex, short_side: int) -> str:
+    """Digest of what the cache's bytes depend on: every file's path, size, mtime and label, and the short side."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, list(index.classes)]).encode())
+    for rel, label in zip(index.files, index.labels):
+        st = (index.root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return h.hexdigest()[:20]
+
+
+class DecodedCache:
+    """Item i of the index as a uint8 CHW tensor, read from the memory-mapped cache file."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        meta = json.loads((folder / "index.json").read_text())
+        self.files: list[str] = meta["files"]
+        self.offsets = np.asarray(meta["offsets"], dtype=np.int64)
+        self.shapes = np.asarray(meta["shapes"], dtype=np.int64)
+        self._data: np.memmap | None = None  # opened lazily: a memmap must not be pickled into workers
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._data is None:
+            self._data = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r")
+        c, h, w = self.shapes[i]
+        start = self.offsets[i]
+        return torch.from_numpy(np.array(self._data[start : start + c * h * w])).view(int(c), int(h), int(w))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decode + resize, run in DataLoader workers while the cache is built."""
+
+    def __init__(self, index: ImageFolderIndex, short_side: int):
+        self.index = index
+        self.resize = v2.Resize(short_side, antialias=True)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.resize(v2.functional.pil_to_tensor(load_rgb(self.index.root / self.index.files[i]))).contiguous()
+
+
+def _estimated_bytes(index: ImageFolderIndex, short_side: int) -> int:
+    """From the image headers (no decoding): what the cache file will take, within rounding."""
+    total = 0
+    for rel in index.files:
+        with Image.open(index.root / rel) as img:
+            w, h = img.size
+        total += 3 * short_side * max(1, round(short_side * max(w, h) / max(1, min(w, h))))
+    return total
+
+
+def build_cache(index: ImageFolderIndex, short_side: int, folder: Path, workers: int = 0, log=print) -> None:
+    """Decode every image of `index` into `folder` (atomically: written under a temporary name)."""
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".tmp-{folder.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise FlowerdistError(f"cannot create the image cache in {parent} ({err.strerror}); set data.cache_dir=DIR to a writable folder") from None
+    need = _estimated_bytes(index, short_side)
+    free = shutil.disk_usage(parent).free
+    if need * 1.05 > free:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FlowerdistError(
+            f"the image cache needs about {need / 2**30:.1f} GiB but {parent} has {free / 2**30:.1f} GiB free; "
+            "set data.cache_dir=DIR elsewhere or data.cache=false"
+        )
+    log(f"flowerdist: caching {len(index)} decoded images (short side {short_side}, about {need / 2**20:.0f} MiB) in {folder} (once)")
+    start = time.perf_counter()
+    loader = torch.utils.data.DataLoader(_Decode(index, short_side), batch_size=None, num_workers=workers)
+    offsets, shapes, offset = [], [], 0
+    with open(tmp / "images.u8", "wb") as f:
+        for image in loader:
+            offsets.append(offset)
+            shapes.append(list(image.shape))
+            f.write(image.numpy().tobytes())
+            offset += image.numel()
+    meta = {"version": CACHE_VERSION, "short_side": short_side, "root": str(index.root), "files": list(index.files),
+            "labels": list(index.labels), "offsets": offsets, "shapes": shapes}
+    (tmp / "index.json").write_text(json.dumps(meta))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another node or process finished the same cache first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"flowerdist: cached {len(index)} images, {offset / 2**20:.0f} MiB, in {time.perf_counter() - start:.1f} s")
+
+
+def open_cache(index: ImageFolderIndex, short_side: int, root: Path, *, build: bool, workers: int = 0, log=print) -> DecodedCache:
+    """The cache for exactly this index and short side, built first if missing and `build` is set."""
+    folder = root / cache_key(index, short_side)
+    if not (folder / "index.json").is_file():
+        if not build:
+            raise FlowerdistError(f"the image cache {folder} is missing after its build; check that data.cache_dir is shared by the ranks of a node")
+        build_cache(index, short_side, folder, workers, log)
+    cache = DecodedCache(folder)
+    if cache.files != list(index.files):
+        raise FlowerdistError(f"the image cache {folder} does not list the files of {index.root}; delete it and rerun")
+    return cache
