@@ -26,3 +26,6 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf runs wandb .pytest_cache
+
+bench: $(STAMP)
+	$(PY) -m flowerdist bench $(ARGS)

@@ -72,6 +72,12 @@ def _download(args) -> None:
     print(f"flower_photos in {download(args.out)}")
 
 
+def _bench(args) -> None:
+    from flowerdist.bench import run_bench
+
+    run_bench(args)
+
+
 def _models(args) -> None:
     from flowerdist.models import list_models
 
@@ -114,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("download", help="fetch TensorFlow's flower_photos (3,670 photos), verified and extracted")
     p.add_argument("--out", default="data")
     p.set_defaults(func=_download)
+
+    p = sub.add_parser("bench", help="images/s of the model step, a plain PyTorch loop, the flowerdist loop and the data pipeline")
+    from flowerdist.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("models", help="list the model names")
     p.set_defaults(func=_models)

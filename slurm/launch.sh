@@ -13,6 +13,8 @@
 #   FLOWERDIST_DEVICE=gpu|cpu        default gpu; cpu sets ACCELERATE_USE_CPU=1
 #   FLOWERDIST_PROCS_PER_NODE=N      default: GPUs on the node (cpu: 1)
 #   FLOWERDIST_MIXED_PRECISION=...   default: train.mixed_precision of the config (cpu: no)
+#   FLOWERDIST_PORT=N                rendezvous port on the head node (default: derived
+#                                    from the job id; moved to a free port if busy)
 #   FLOWERDIST_ACCELERATE_CONFIG=F   accelerate config file (default: a minimal one
 #                                    per node, so ~/.cache/huggingface/accelerate/
 #                                    default_config.yaml is never picked up silently)
@@ -74,8 +76,23 @@ PY
     export FLOWERDIST_NUM_PROCESSES=$((per_node * nnodes))
     export FLOWERDIST_NUM_MACHINES=$nnodes
     export FLOWERDIST_HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-    # One port per job, so two jobs sharing a head node do not collide.
-    export FLOWERDIST_PORT=$((20000 + SLURM_JOB_ID % 20000))
+    # One port per job, so two jobs sharing a head node do not collide. This batch step runs on
+    # the head node, so it can check the port: a busy one would otherwise fail every launcher with
+    # torch's EADDRINUSE traceback. A port the user chose is theirs to fix; a derived one moves.
+    port_free() { python -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null; }
+    if [ -n "${FLOWERDIST_PORT:-}" ]; then
+        port_free "$FLOWERDIST_PORT" \
+            || die "rendezvous port FLOWERDIST_PORT=$FLOWERDIST_PORT on $(hostname) is busy; choose a free port or unset FLOWERDIST_PORT to derive one"
+    else
+        FLOWERDIST_PORT=$((20000 + SLURM_JOB_ID % 20000))
+        if ! port_free "$FLOWERDIST_PORT"; then
+            busy=$FLOWERDIST_PORT
+            FLOWERDIST_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+            echo "flowerdist/slurm: rendezvous port $busy on $(hostname) is busy; using port $FLOWERDIST_PORT"
+        fi
+    fi
+    export FLOWERDIST_PORT
 
     echo "flowerdist/slurm: job $SLURM_JOB_ID: $nnodes node(s) x $per_node process(es) ($device)," \
          "head $FLOWERDIST_HEAD:$FLOWERDIST_PORT, mixed precision $FLOWERDIST_MIXED_PRECISION"

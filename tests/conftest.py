@@ -83,12 +83,12 @@ def accelerate_cmd(nprocs: int, *train_args: str, num_machines: int = 1, machine
     return cmd + ["-m", "flowerdist", "train", *train_args]
 
 
-def launch(nprocs: int, *train_args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(nprocs: int, *train_args: str, timeout: float = 600, port: int | None = None) -> subprocess.CompletedProcess:
     """Train with `nprocs` real CPU processes (gloo) through accelerate launch; 1 means plain `flowerdist train`."""
     if nprocs == 1:
         return run_cli("train", *train_args, timeout=timeout)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(accelerate_cmd(nprocs, *train_args, port=free_port()), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(accelerate_cmd(nprocs, *train_args, port=port or free_port()), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,9 +103,14 @@ def test_ranks_shard_each_epoch_disjointly_and_reproducibly(tiny_data, tmp_path)
         "data.batch_size=4", "train.record_samples=true", "train.max_steps=0", "train.epochs=2", "data.num_workers=1",
         "optim.lr_scale=linear", "optim.reference_batch=4", "train.log_every=1",
     )
-    for name in ("a", "b"):
-        proc = launch(3, *train_args(tiny_data, tmp_path / name, *args))
-        assert world_size(proc) == 3
+    proc = launch(3, *train_args(tiny_data, tmp_path / "a", *args))
+    assert world_size(proc) == 3
+    with socket.socket() as busy:  # run b's rendezvous port is taken: on one node the launch moves to a free port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        moved = launch(3, *train_args(tiny_data, tmp_path / "b", *args), port=port)
+    assert f"Port `{port}` is already in use" in moved.stderr and world_size(moved) == 3
     split = json.loads((tmp_path / "a" / "split.json").read_text())
     files = sorted(p.relative_to(tiny_data).as_posix() for p in tiny_data.rglob("*.jpg"))
     train_set = {files.index(f) for f in split["train"]}

@@ -8,6 +8,7 @@ the module (well under 10 s). Jobs are submitted from the repo root, as users do
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,33 @@ def test_cluster_two_node_job(cluster: ClusterInfo, tmp_path: Path) -> None:
     assert set(re.findall(r"node=(node\d)", log)) == {"node1", "node2"}, log
 
 
+def _listen(port: int = 0) -> socket.socket:
+    """Hold a port the way another job's rendezvous would."""
+    s = socket.socket()
+    s.bind(("", port))
+    s.listen()
+    return s
+
+
+def test_busy_rendezvous_port_fails_fast_in_one_line(cluster: ClusterInfo, synth_data: Path, tmp_path: Path) -> None:
+    with _listen() as busy:
+        port = busy.getsockname()[1]
+        env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "2", "FLOWERDIST_PORT": str(port)}
+        info, log = _run_job(cluster, tmp_path, "slurm/single_node.sbatch", ["configs/quickstart.yaml", f"data.root={synth_data}"], env, timeout=60)
+    why = _describe(info, log, cluster)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", why
+    assert f"rendezvous port FLOWERDIST_PORT={port} on " in log and "is busy; choose a free port" in log, why
+    assert "accelerate launch" not in log and "Traceback" not in log, why
+
+
+def _next_job_id(cluster: ClusterInfo, tmp: Path) -> int:
+    script = tmp / "true.sh"
+    script.write_text("#!/bin/bash\ntrue\n")
+    job = cluster.submit(str(script), [], env={}, cwd=REPO, sbatch_args=[f"--output={tmp}/true-%j.out"])
+    cluster.wait_job(job, 60)
+    return int(job) + 1
+
+
 @pytest.mark.parametrize(
     "script, procs_per_node, nodes",
     [("slurm/single_node.sbatch", 2, 1), ("slurm/multi_node.sbatch", 1, 2)],
@@ -81,7 +109,13 @@ def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path,
     args = ["configs/quickstart.yaml", "train.epochs=1", f"data.root={synth_data}",
             f"train.output_dir={run_dir}", "log.wandb=offline",
             "data.batch_size=4", "data.image_size=64", "data.num_workers=0"]
-    info, log = _run_job(cluster, tmp_path, script, args, env)
+    if nodes == 1:  # another job holds the port this job derives from its id: it must move to a free one
+        derived = 20000 + _next_job_id(cluster, tmp_path) % 20000
+        with _listen(derived):
+            info, log = _run_job(cluster, tmp_path, script, args, env)
+        assert f"rendezvous port {derived} on " in log and "is busy; using port" in log, _describe(info, log, cluster)
+    else:
+        info, log = _run_job(cluster, tmp_path, script, args, env)
     why = _describe(info, log, cluster)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
     assert info["NumNodes"] == str(nodes), why

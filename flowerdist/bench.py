@@ -1,0 +1,288 @@
+"""`flowerdist bench`: the model step, a plain PyTorch loop, the flowerdist loop and the data
+pipeline, measured side by side in one run; prints a table and writes JSON.
+
+The headline is two ratios, because absolute images/s on a shared machine drift:
+- flowerdist loop / plain loop: what Accelerate, logging, metric syncs and the progress bar cost
+  (goal: at least 0.98);
+- data pipeline / model step: how far the loader is from starving the model (goal: at least 5x).
+
+Each part runs in a fresh process (`flowerdist.bench_parts`); plain and flowerdist alternate for
+`--rounds` rounds so a drift of the machine hits both. Medians over windows after warm-up.
+
+    flowerdist bench --model resnet18 --image-size 128 --batch 32
+    flowerdist bench --model seed_resnet --image-size 224 --data ../shared/data/flower_photos_train192
+    flowerdist bench --parts ddp --model resnet18 --image-size 128      # 2 processes vs 1, same threads
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from flowerdist.errors import FlowerdistError
+
+PARTS = ("model", "plain", "flowerdist", "pipeline", "ddp")
+LABELS = {
+    "model": "model step (tensors in memory)",
+    "plain": "plain PyTorch loop",
+    "flowerdist": "flowerdist loop",
+    "pipeline": "data pipeline",
+    "ddp": "DDP model step",
+}
+
+
+def _csv(text: str, allowed=None) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if bad or not items:
+        raise FlowerdistError(f"unknown value(s) {bad or text!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="resnet18", help="model name (see `flowerdist models`)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32, help="images per step (per device)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="no", help="comma list of no, bf16, fp16 (fp16 only on CUDA)")
+    p.add_argument("--data", help="image folder ROOT/<class>/<image> (default: a generated set, made once under data/)")
+    p.add_argument("--data-path", default="folder", help="comma list of folder, cache (data.cache=true)")
+    p.add_argument("--synthetic-per-class", type=int, default=400)
+    p.add_argument("--synthetic-size", type=int, default=256, help="side of the generated images (real photos: 240-500)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the loops (data.num_workers)")
+    p.add_argument("--pipeline-workers", default="0,1,2", help="worker counts the pipeline part measures")
+    p.add_argument("--window", type=int, default=5, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=4, help="timed windows per part, after one warm-up window")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the plain and flowerdist loops")
+    p.add_argument("--parts", default="model,plain,flowerdist,pipeline", help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (all parts)")
+    p.add_argument("--wandb", default="offline", choices=["offline", "disabled"], help="W&B in the flowerdist loop")
+    p.add_argument("--out-dir", help="where the JSON, the specs and each part's log go (default runs/bench-<time>)")
+
+
+def bench_data(args) -> str:
+    """The folder to read: --data, or a generated set kept under data/ and reused by later runs."""
+    if args.data:
+        from flowerdist.data.dataset import scan_folder
+
+        return str(scan_folder(args.data).root)
+    from flowerdist.data.synth import generate
+
+    root = Path("data") / f"bench_flowers_{args.synthetic_size}px_{args.synthetic_per_class}"
+    if not root.is_dir():
+        print(f"bench: generating {5 * args.synthetic_per_class} flowers at {args.synthetic_size} px in {root} (once)", flush=True)
+        generate(root, per_class=args.synthetic_per_class, size=args.synthetic_size, seed=0, workers=os.cpu_count() or 1)
+    return str(root)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_part(part: str, spec: dict, out_dir: Path, tag: str, nprocs: int = 1) -> dict:
+    """Run one part in a fresh process (`nprocs` > 1: through `accelerate launch`); its output goes to <tag>.log."""
+    spec_file, out, log = (out_dir / f"{tag}{ext}" for ext in (".spec.json", ".json", ".log"))
+    spec_file.write_text(json.dumps(spec, indent=1))
+    worker = ["-m", "flowerdist.bench_parts", "--part", part, "--spec", str(spec_file), "--out", str(out)]
+    env = dict(os.environ)
+    if nprocs == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), *worker]
+        if spec["device"] == "cpu":
+            env["ACCELERATE_USE_CPU"] = "1"  # several CPU processes: see launch/cpu_multi_process.yaml
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0 or not out.is_file():
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        raise FlowerdistError(f"bench part '{part}' failed (exit {code}): {tail[0][:300]}; full output in {log}")
+    return json.loads(out.read_text())
+
+
+def _row(part: str, rates: list[float], **extra) -> dict:
+    return {"part": part, "images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "windows": rates, **extra}
+
+
+def environment(device: str) -> dict:
+    import accelerate
+    import timm
+    import torch
+    import torchvision
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        model_names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+        name = f"{model_names[0] if model_names else platform.processor()} ({os.cpu_count()} cores)"
+    return {
+        "device": device, "device_name": name, "gpus": torch.cuda.device_count(), "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "accelerate": accelerate.__version__, "timm": timm.__version__,
+    }
+
+
+def run_bench(args) -> dict:
+    import torch
+
+    parts = _csv(args.parts, PARTS)
+    precisions = _csv(args.precision, ("no", "bf16", "fp16"))
+    data_paths = _csv(args.data_path, ("folder", "cache"))
+    pipeline_workers = [int(w) for w in _csv(args.pipeline_workers)]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FlowerdistError("--device cuda but torch sees no GPU; use --device cpu")
+    out_dir = Path(args.out_dir or f"runs/bench-{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = bench_data(args)
+    base = {
+        "model": args.model, "image_size": args.image_size, "batch": args.batch, "device": device, "data": data,
+        "workers": args.workers, "workers_list": pipeline_workers, "window": args.window, "windows": args.windows,
+        "channels_last": args.channels_last, "compile": args.compile, "wandb": args.wandb, "threads": args.threads or None,
+    }
+    report = {"command": "flowerdist bench " + " ".join(sys.argv[2:]), "env": environment(device), "spec": base, "rows": [], "skipped": []}
+    rows = report["rows"]
+
+    def note(row: dict) -> None:
+        rows.append(row)
+        wait = f", data wait {row['data_wait']:.0%}" if "data_wait" in row else ""
+        print(f"bench: {_label(row)}: {row['images_per_s']:.1f} images/s{wait}", flush=True)
+
+    started = time.perf_counter()
+    for precision in precisions:
+        if precision == "fp16" and device == "cpu":
+            report["skipped"].append("fp16: needs CUDA (flowerdist refuses fp16 on the CPU; its gradient scaler is a CUDA path)")
+            continue
+        spec = {**base, "precision": precision}
+        if "model" in parts:
+            r = run_part("model", spec, out_dir, f"model-{precision}")
+            note(_row("model", r["rates"], precision=precision, threads=r["threads"]))
+        for path in data_paths:
+            spec = {**base, "precision": precision, "cache": path == "cache"}
+            loops = [p for p in ("plain", "flowerdist") if p in parts]
+            pooled: dict[str, list[float]] = {p: [] for p in loops}
+            waits: dict[str, list[float]] = {p: [] for p in loops}
+            medians: dict[str, list[float]] = {p: [] for p in loops}
+            for rnd in range(args.rounds):
+                for part in loops:
+                    tag = f"{part}-{precision}-{path}-r{rnd}"
+                    r = run_part(part, {**spec, "run_dir": str(out_dir / tag)}, out_dir, tag)
+                    pooled[part] += r["rates"]
+                    waits[part].append(r["data_wait"])
+                    medians[part].append(statistics.median(r["rates"]))
+            for part in loops:
+                note(_row(part, pooled[part], precision=precision, data_path=path, data_wait=statistics.mean(waits[part]), round_medians=medians[part]))
+            if "pipeline" in parts and precision == next(p for p in precisions if not (p == "fp16" and device == "cpu")):
+                r = run_part("pipeline", spec, out_dir, f"pipeline-{path}")
+                for workers, rates in r["rates_by_workers"].items():
+                    note(_row("pipeline", rates, data_path=path, workers=int(workers)))
+    if "ddp" in parts:
+        report["ddp"] = run_ddp({**base, "precision": precisions[0], "cache": False}, out_dir, note)
+    report["ratios"] = ratios(rows, args.workers)
+    report["seconds"] = time.perf_counter() - started
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    print(format_report(report))
+    print(f"bench: JSON in {out_dir / 'bench.json'}")
+    return report
+
+
+def run_ddp(spec: dict, out_dir: Path, note) -> dict:
+    """N processes (1 thread each on CPU, 1 GPU each on CUDA) against 1 process with all the threads."""
+    import torch
+
+    if spec["device"] == "cuda":
+        n, threads = torch.cuda.device_count(), None
+        if n < 2:
+            return {"skipped": "one GPU: the 2-process step needs two"}
+    else:
+        threads = spec["threads"] or torch.get_num_threads()
+        n = 2
+    one = run_part("ddp", {**spec, "threads": threads}, out_dir, "ddp-1proc")
+    many = run_part("ddp", {**spec, "threads": threads // n if threads else None}, out_dir, f"ddp-{n}proc", nprocs=n)
+    note(_row("ddp", one["rates"], processes=1, threads=one["threads"]))
+    note(_row("ddp", many["rates"], processes=n, threads=many["threads"]))
+    note(_row("ddp", many["no_sync_rates"], processes=n, threads=many["threads"], sync="no_sync"))
+    step_s = spec["batch"] / statistics.median(many["rates"])
+    local_s = spec["batch"] / statistics.median(many["no_sync_rates"])
+    return {
+        "processes": n,
+        "speedup": statistics.median(many["rates"]) / statistics.median(one["rates"]),
+        "step_ms": step_s * 1000,
+        "sync_cost_ms": (step_s - local_s) * 1000,
+        "allreduce_ms": many["allreduce_ms"],
+        "gradient_mib": many["gradient_mib"],
+    }
+
+
+def ratios(rows: list[dict], workers: int) -> dict:
+    out = {}
+    for r in rows:
+        if r["part"] == "flowerdist":
+            plain = next(p for p in rows if p["part"] == "plain" and p["precision"] == r["precision"] and p["data_path"] == r["data_path"])
+            out[f"flowerdist/plain ({r['precision']}, {r['data_path']})"] = r["images_per_s"] / plain["images_per_s"]
+            out[f"flowerdist/plain per round ({r['precision']}, {r['data_path']})"] = [
+                f / p for f, p in zip(r["round_medians"], plain["round_medians"])
+            ]
+    models = [r for r in rows if r["part"] == "model"]
+    for r in rows:
+        if r["part"] == "pipeline" and r["workers"] == workers and models:
+            out[f"pipeline/model ({r['data_path']}, {workers} workers, vs {models[0]['precision']})"] = r["images_per_s"] / models[0]["images_per_s"]
+    return out
+
+
+def _label(row: dict) -> str:
+    text = LABELS[row["part"]]
+    if row["part"] == "pipeline":
+        return f"{text}, {row['data_path']}, {row['workers']} worker{'s' * (row['workers'] != 1)}"
+    if row["part"] == "ddp":
+        return f"{text}, {row['processes']} process{'es' * (row['processes'] > 1)} x {row['threads']} threads{', no_sync' if row.get('sync') else ''}"
+    return text + (f", {row['precision']}" if row.get("precision") else "") + (f", {row['data_path']}" if row.get("data_path") else "")
+
+
+def format_report(report: dict) -> str:
+    env, spec = report["env"], report["spec"]
+    lines = [
+        f"flowerdist bench: {spec['model']} at {spec['image_size']} px, batch {spec['batch']}, "
+        f"{'channels_last' if spec['channels_last'] else 'NCHW'}{', compiled' if spec['compile'] else ''}, data {spec['data']}",
+        f"device {env['device_name']}, {spec['threads'] or env['threads']} torch threads per process, torch {env['torch']}, torchvision {env['torchvision']}, accelerate {env['accelerate']}, "
+        f"timm {env['timm']}, python {env['python']}",
+        "",
+        f"| {'part':<58} | images/s | min-max        | data wait |",
+        f"| {'-' * 58} | -------: | -------------- | --------: |",
+    ]
+    for r in report["rows"]:
+        wait = f"{r['data_wait']:.1%}" if "data_wait" in r else ""
+        lines.append(f"| {_label(r):<58} | {r['images_per_s']:8.1f} | {r['min']:6.1f}-{r['max']:<7.1f} | {wait:>9} |")
+    lines.append("")
+    ratios_ = report["ratios"]
+    for name, value in ratios_.items():
+        if " per round " in name:
+            continue
+        goal = "goal >= 0.98" if name.startswith("flowerdist") else "goal >= 5"
+        rounds = ratios_.get(name.replace("plain (", "plain per round (")) if name.startswith("flowerdist") else None
+        spread = f"; per round {', '.join(f'{v:.3f}' for v in rounds)}" if rounds and len(rounds) > 1 else ""
+        lines.append(f"{name}: {value:.3f} ({goal}{spread})")
+    ddp = report.get("ddp")
+    if ddp and "skipped" not in ddp:
+        lines.append(
+            f"DDP: {ddp['processes']} processes / 1 process at the same total threads: {ddp['speedup']:.2f}x; step {ddp['step_ms']:.0f} ms, "
+            f"of which gradient sync {ddp['sync_cost_ms']:.0f} ms; one all-reduce of {ddp['gradient_mib']:.0f} MiB: {ddp['allreduce_ms']:.0f} ms"
+        )
+    elif ddp:
+        lines.append(f"DDP: skipped, {ddp['skipped']}")
+    lines += [f"skipped {s}" for s in report["skipped"]]
+    lines.append(f"({report['seconds']:.0f} s)")
+    return "\n".join(lines)
