@@ -19,7 +19,7 @@ fi
 "$PY" -c 'import torch; print(f"gpu_check: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}")'
 "$PY" -m flowerdist bench \
   --device "${DEVICE:-cuda}" --model "${MODEL:-resnet50}" --image-size "${IMAGE_SIZE:-224}" --batch "${BATCH:-128}" \
-  --precision bf16,fp16 --data-path folder,cache --parts "$PARTS" --rounds 1 \
+  --precision bf16,fp16 --data-path "${DATA_PATHS:-folder,cache}" --parts "$PARTS" --rounds 1 \
   --window "${WINDOW:-10}" --windows "${WINDOWS:-3}" --workers "${WORKERS:-8}" --pipeline-workers "${WORKERS:-8}" \
   --synthetic-per-class "${PER_CLASS:-400}" --synthetic-size "${SYNTH_SIZE:-256}" --wandb "${WANDB:-offline}" --out-dir "$OUT"
 cp "$OUT/bench.json" "${JSON:-$OUT/gpu_check.json}"

@@ -136,12 +136,12 @@ def environment(device: str) -> dict:
 
 
 def run_bench(args) -> dict:
-    import torch
-
     parts = _csv(args.parts, PARTS)
     precisions = _csv(args.precision, ("no", "bf16", "fp16"))
     data_paths = _csv(args.data_path, ("folder", "cache"))
     pipeline_workers = [int(w) for w in _csv(args.pipeline_workers)]
+    import torch
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise FlowerdistError("--device cuda but torch sees no GPU; use --device cpu")
@@ -212,13 +212,15 @@ def run_ddp(spec: dict, out_dir: Path, note) -> dict:
         n = 2
     one = run_part("ddp", {**spec, "threads": threads}, out_dir, "ddp-1proc")
     many = run_part("ddp", {**spec, "threads": threads // n if threads else None}, out_dir, f"ddp-{n}proc", nprocs=n)
-    note(_row("ddp", one["rates"], processes=1, threads=one["threads"]))
-    note(_row("ddp", many["rates"], processes=n, threads=many["threads"]))
-    note(_row("ddp", many["no_sync_rates"], processes=n, threads=many["threads"], sync="no_sync"))
+    if many.get("world") != n:
+        raise FlowerdistError(f"the {n}-process DDP launch formed a world of {many.get('world')}; see {out_dir / f'ddp-{n}proc.log'}")
+    note(_row("ddp", one["rates"], processes=one["world"], threads=one["threads"]))
+    note(_row("ddp", many["rates"], processes=many["world"], threads=many["threads"]))
+    note(_row("ddp", many["no_sync_rates"], processes=many["world"], threads=many["threads"], sync="no_sync"))
     step_s = spec["batch"] / statistics.median(many["rates"])
     local_s = spec["batch"] / statistics.median(many["no_sync_rates"])
     return {
-        "processes": n,
+        "processes": many["world"],
         "speedup": statistics.median(many["rates"]) / statistics.median(one["rates"]),
         "step_ms": step_s * 1000,
         "sync_cost_ms": (step_s - local_s) * 1000,

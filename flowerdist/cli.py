@@ -11,9 +11,11 @@ from flowerdist.errors import EXIT_PREEMPTED, FlowerdistError, Preempted
 
 def _train(args) -> None:
     from flowerdist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config mistakes fail before torch is even imported (~5 s here)
     from flowerdist.train import train
 
-    train(load_config(args.config, args.overrides))
+    train(cfg)
 
 
 def _eval(args) -> None:

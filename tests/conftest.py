@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 #: overrides that make a real but small run on `tiny_data`
-TINY = ["data.synthetic=false", "data.image_size=64", "data.batch_size=16", "data.num_workers=0", "log.wandb=offline", "log.progress=false"]
+TINY = ["data.synthetic=false", "data.image_size=64", "data.batch_size=16", "data.num_workers=0", "log.wandb=disabled", "log.progress=false"]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +59,7 @@ def trained_run(e2e_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "quick"
     run_cli(
         "train", "-c", "configs/quickstart.yaml", f"data.root={e2e_data}", f"train.output_dir={run_dir}",
-        *TINY, "train.epochs=8", "optim.warmup_steps=10", "optim.lr=0.001", "train.log_every=5",
+        *TINY, "log.wandb=offline", "train.epochs=8", "optim.warmup_steps=10", "optim.lr=0.001", "train.log_every=5",
     )
     return run_dir
 
@@ -83,6 +84,32 @@ def accelerate_cmd(nprocs: int, *train_args: str, num_machines: int = 1, machine
     return cmd + ["-m", "flowerdist", "train", *train_args]
 
 
+def launch_many(*runs: tuple, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Start several trainings `(nprocs, train_args[, port])` at once and wait for all of them.
+
+    A short run is mostly process start-up (importing torch and torchvision, single-threaded,
+    ~7 s here), so two runs side by side on two cores take little longer than one. Results do
+    not change: each process keeps its own thread count.
+    """
+    started = []
+    for nprocs, train_args, *port in runs:
+        if nprocs == 1:
+            cmd, env = [sys.executable, "-m", "flowerdist", "train", *train_args], dict(os.environ)
+        else:
+            cmd, env = accelerate_cmd(nprocs, *train_args, port=port[0] if port else free_port()), {**os.environ, "ACCELERATE_USE_CPU": "1"}
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        started.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True), out, err))
+    results = []
+    for proc, out, err in started:
+        proc.wait(timeout=timeout)
+        out.seek(0), err.seek(0)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(map(str, proc.args[:4]))} ... exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        results.append(done)
+    return results
+
+
 def launch(nprocs: int, *train_args: str, timeout: float = 600, port: int | None = None) -> subprocess.CompletedProcess:
     """Train with `nprocs` real CPU processes (gloo) through accelerate launch; 1 means plain `flowerdist train`."""
     if nprocs == 1:
@@ -92,3 +119,29 @@ def launch(nprocs: int, *train_args: str, timeout: float = 600, port: int | None
     if proc.returncode != 0:
         raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def resume_args(data, run_dir, *extra):
+    """The resume tests' run: 2 epochs of 20 steps (global batch 8), checkpoints every 7 steps, W&B offline."""
+    return (
+        "-c", "configs/quickstart.yaml", f"data.root={data}", f"train.output_dir={run_dir}", *TINY, "log.wandb=offline",
+        "data.batch_size=8", "train.epochs=2", "train.checkpoint_every=7", "train.log_every=3", "train.keep_last=2", *extra,
+    )
+
+
+def batch(nprocs):
+    return f"data.batch_size={8 // nprocs}"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_data, tmp_path_factory):
+    """One uninterrupted `resume_args` run per process count, shared by the resume and Slurm requeue tests."""
+    runs = {}
+
+    def get(nprocs):
+        if nprocs not in runs:
+            runs[nprocs] = tmp_path_factory.mktemp(f"ref{nprocs}")
+            launch(nprocs, *resume_args(tiny_data, runs[nprocs], batch(nprocs)))
+        return runs[nprocs]
+
+    return get

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, accelerate_cmd, free_port, launch
+from conftest import REPO, TINY, accelerate_cmd, free_port, launch, launch_many
 
 pytestmark = pytest.mark.slow
 
@@ -59,33 +59,39 @@ def world_size(proc):
 
 
 def test_ddp_equals_the_big_batch_seed_resnet(tiny_data, tmp_path):
-    two = launch(2, *train_args(tiny_data, tmp_path / "ddp", "data.batch_size=4"))
-    one = launch(1, *train_args(tiny_data, tmp_path / "one", "data.batch_size=8"))
+    two, one, _ = launch_many(
+        (2, train_args(tiny_data, tmp_path / "ddp", "data.batch_size=4")),
+        (1, train_args(tiny_data, tmp_path / "one", "data.batch_size=8")),
+        (1, train_args(tiny_data, tmp_path / "other", "data.batch_size=6")),
+    )
     assert world_size(two) == 2 and world_size(one) == 1
     assert "global batch 8 = 4 per device x 2 processes x 1 accumulation" in two.stdout
     assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one"))
     # ...and a difference would have been seen: other batches give other weights
-    launch(1, *train_args(tiny_data, tmp_path / "other", "data.batch_size=6"))
     assert relative_difference(final_weights(tmp_path / "other"), final_weights(tmp_path / "one")) > 1e-4  # ten times the tolerance
 
 
 def test_ddp_with_sync_bn_equals_the_big_batch_resnet(tiny_data, tmp_path):
     args = ("model.name=resnet18", "data.image_size=32")
-    two = launch(2, *train_args(tiny_data, tmp_path / "sync", "data.batch_size=4", "train.sync_bn=true", *args))
+    two, _, _ = launch_many(
+        (2, train_args(tiny_data, tmp_path / "sync", "data.batch_size=4", "train.sync_bn=true", *args)),
+        (1, train_args(tiny_data, tmp_path / "one", "data.batch_size=8", *args)),
+        (2, train_args(tiny_data, tmp_path / "local", "data.batch_size=4", *args)),
+    )
     assert world_size(two) == 2
-    launch(1, *train_args(tiny_data, tmp_path / "one", "data.batch_size=8", *args))
     assert_same_weights(final_weights(tmp_path / "sync"), final_weights(tmp_path / "one"))
     # without SyncBatchNorm each rank normalises its own 4 images: clearly different weights
-    launch(2, *train_args(tiny_data, tmp_path / "local", "data.batch_size=4", *args))
     assert relative_difference(final_weights(tmp_path / "local"), final_weights(tmp_path / "one")) > 1e-4  # ten times the tolerance
 
 
 def test_accumulation_equals_the_big_batch_on_one_and_two_processes(tiny_data, tmp_path):
-    launch(1, *train_args(tiny_data, tmp_path / "big", "data.batch_size=8"))
-    launch(1, *train_args(tiny_data, tmp_path / "acc1", "data.batch_size=2", "train.grad_accum_steps=4"))
+    *_, two = launch_many(
+        (1, train_args(tiny_data, tmp_path / "big", "data.batch_size=8")),
+        (1, train_args(tiny_data, tmp_path / "acc1", "data.batch_size=2", "train.grad_accum_steps=4")),
+        (1, train_args(tiny_data, tmp_path / "big16", "data.batch_size=16")),
+        (2, train_args(tiny_data, tmp_path / "acc2", "data.batch_size=2", "train.grad_accum_steps=4")),
+    )
     assert_same_weights(final_weights(tmp_path / "acc1"), final_weights(tmp_path / "big"))
-    launch(1, *train_args(tiny_data, tmp_path / "big16", "data.batch_size=16"))
-    two = launch(2, *train_args(tiny_data, tmp_path / "acc2", "data.batch_size=2", "train.grad_accum_steps=4"))
     assert "global batch 16 = 2 per device x 2 processes x 4 accumulation" in two.stdout
     assert_same_weights(final_weights(tmp_path / "acc2"), final_weights(tmp_path / "big16"))
 

@@ -15,17 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, accelerate_cmd, free_port, launch, run_cli
+from conftest import REPO, accelerate_cmd, batch, free_port, launch, resume_args as args, run_cli
 from wandb_offline import history
 
 pytestmark = pytest.mark.slow
-
-
-def args(data, run_dir, *extra):
-    return (
-        "-c", "configs/quickstart.yaml", f"data.root={data}", f"train.output_dir={run_dir}", *TINY,
-        "data.batch_size=8", "train.epochs=2", "train.checkpoint_every=7", "train.log_every=3", "train.keep_last=2", *extra,
-    )
 
 
 def logged_steps(run_dir):
@@ -56,24 +49,6 @@ def kill_after_a_checkpoint(proc, run_dir, rng):
     return target
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_data, tmp_path_factory):
-    """One uninterrupted run per process count (checkpointing does not change the numbers)."""
-    runs = {}
-
-    def get(nprocs):
-        if nprocs not in runs:
-            runs[nprocs] = tmp_path_factory.mktemp(f"ref{nprocs}")
-            launch(nprocs, *args(tiny_data, runs[nprocs], batch(nprocs)))
-        return runs[nprocs]
-
-    return get
-
-
-def batch(nprocs):
-    return f"data.batch_size={8 // nprocs}"
-
-
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs, uninterrupted):
     rng = random.Random(nprocs)
@@ -92,7 +67,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs, unint
     # metrics.jsonl: the same events, no gap, no duplicate step
     ref_lines = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
     cut_lines = [json.loads(l) for l in (cut / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k and "seconds" not in k} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k and "seconds" not in k and "data_wait" not in k} for r in rows]
     assert strip(cut_lines) == strip(ref_lines)
     # W&B: one run id over both segments; together they log every step, equal values where they overlap
     runs = sorted(cut.glob("wandb/offline-run-*/run-*.wandb"))
@@ -151,23 +126,31 @@ def test_a_dying_rank_ends_the_run_quickly(tiny_data, tmp_path):
 
 
 def test_kill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_path):
-    """SIGKILL a process while it writes a (large) checkpoint: `last` and resume=auto still use the previous one."""
+    """SIGKILL a process while it writes a checkpoint: `last` and resume=auto still use the previous one.
+
+    The writer is stopped at two points of a real `write_checkpoint` (a weights file cut short;
+    weights complete but no metadata yet) and killed there, so the kill lands mid-save every time.
+    """
     run = tmp_path / "run"
     run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=7"))
     root = run / "checkpoints"
     before = (root / "last").resolve()
     writer = (
-        "import sys, torch; from pathlib import Path; from flowerdist.checkpoint import write_checkpoint\n"
-        "write_checkpoint(Path(sys.argv[1]), 'step-00000099', {'w': torch.ones(400_000_000)}, {'step': 99}, {'x': 1}, link='last')\n"
+        "import sys, time, torch; from pathlib import Path; import flowerdist.checkpoint as ckpt\n"
+        "real = ckpt.save_file\n"
+        "def stalled(tensors, path):\n"
+        "    Path(path).write_bytes(b'\\0' * 4096) if sys.argv[2] == 'cut' else real(tensors, path)\n"
+        "    print('stalled', flush=True); time.sleep(600)\n"
+        "ckpt.save_file = stalled\n"
+        "ckpt.write_checkpoint(Path(sys.argv[1]), 'step-00000099', {'w': torch.ones(1000)}, {'step': 99}, {'x': 1}, link='last')\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", writer, str(root)], cwd=REPO)
-    partial = root / ".tmp-step-00000099" / "model.safetensors"
-    deadline = time.time() + 120
-    while not (partial.is_file() and partial.stat().st_size > 0) and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    assert not (root / "step-00000099").exists() and (root / ".tmp-step-00000099").exists()  # killed mid-write
-    assert (root / "last").resolve() == before
+    for point in ("cut", "weights-only"):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(root), point], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "stalled"
+        proc.kill()
+        proc.wait()
+        assert not (root / "step-00000099").exists() and (root / ".tmp-step-00000099" / "model.safetensors").is_file()
+        assert not (root / ".tmp-step-00000099" / "meta.json").exists()  # killed mid-save
+        assert (root / "last").resolve() == before
     out = run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=9", "train.resume=auto")).stdout
     assert f"resuming from {before}" in out

@@ -132,7 +132,7 @@ def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path,
     assert run["config"]["world_size"] == 2 and run["config"]["num_machines"] == nodes, run["config"]
 
 
-def test_preempted_job_requeues_resumes_and_matches(cluster: ClusterInfo, tiny_data: Path, tmp_path: Path) -> None:
+def test_preempted_job_requeues_resumes_and_matches(cluster: ClusterInfo, tiny_data: Path, tmp_path: Path, uninterrupted) -> None:
     """USR1 to the batch shell (what --signal=B:USR1@120 sends before a limit): the ranks checkpoint,
     the job is requeued, resumes by itself and ends with the uninterrupted run's weights."""
     import json
@@ -141,16 +141,13 @@ def test_preempted_job_requeues_resumes_and_matches(cluster: ClusterInfo, tiny_d
     import torch
     from safetensors.torch import load_file
 
-    from conftest import launch
+    from conftest import batch, resume_args
 
-    common = [f"data.root={tiny_data}", "log.wandb=disabled", "data.batch_size=4", "data.image_size=64",
-              "data.num_workers=0", "train.epochs=3", "train.log_every=3", "log.progress=false"]
-    ref = tmp_path / "ref"
-    launch(2, "-c", "configs/quickstart.yaml", *common, f"train.output_dir={ref}")
-
+    ref = uninterrupted(2)  # the resume tests' 2-process reference run
     run_dir = tmp_path / "run"
-    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "2", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    job = cluster.submit("slurm/single_node.sbatch", ["configs/quickstart.yaml", *common, f"train.output_dir={run_dir}"],
+    _, config, *overrides = resume_args(tiny_data, run_dir, batch(2))
+    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "2", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_DIR": str(tmp_path)}
+    job = cluster.submit("slurm/single_node.sbatch", [config, *overrides],
                          env=env, cwd=REPO, sbatch_args=[f"--output={tmp_path}/%x-%j.out"])
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
