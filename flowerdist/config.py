@@ -33,7 +33,7 @@ class ModelConfig:
     init_weights: bool = True
     """Apply the model's weight initialisation (kaiming for convs) instead of torch's defaults."""
     channels_last: bool = True
-    """Train in channels_last memory format (about 2x faster for the seed network on CPU)."""
+    """Train in channels_last memory format (measured on CPU: 1.23x for seed_resnet at 224 px, 1.24x resnet50, equal for resnet18)."""
     compile: bool = False
     """Wrap the model in torch.compile (costs 20-40 s of compilation at start)."""
 
