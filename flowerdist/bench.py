@@ -64,6 +64,7 @@ def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the plain and flowerdist loops")
     p.add_argument("--parts", default="model,plain,flowerdist,pipeline", help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--bucket-cap-mb", type=int, default=25, help="DDP gradient bucket size of the ddp part (DDP's default: 25)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (all parts)")
     p.add_argument("--wandb", default="offline", choices=["offline", "disabled"], help="W&B in the flowerdist loop")
@@ -151,7 +152,7 @@ def run_bench(args) -> dict:
     base = {
         "model": args.model, "image_size": args.image_size, "batch": args.batch, "device": device, "data": data,
         "workers": args.workers, "workers_list": pipeline_workers, "window": args.window, "windows": args.windows,
-        "channels_last": args.channels_last, "compile": args.compile, "wandb": args.wandb, "threads": args.threads or None,
+        "channels_last": args.channels_last, "compile": args.compile, "bucket_cap_mb": args.bucket_cap_mb, "wandb": args.wandb, "threads": args.threads or None,
     }
     report = {"command": "flowerdist bench " + " ".join(sys.argv[2:]), "env": environment(device), "spec": base, "rows": [], "skipped": []}
     rows = report["rows"]

@@ -185,7 +185,10 @@ def part_ddp(spec: dict, device: torch.device) -> dict:
     import torch.distributed as dist
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp_kwargs = DistributedDataParallelKwargs(bucket_cap_mb=spec.get("bucket_cap_mb") or 25)  # 25: DDP's default
+    accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[ddp_kwargs])
     device = accelerator.device
     world = accelerator.num_processes
     model, optimizer, criterion, scaler, memory_format = build(spec, device)
