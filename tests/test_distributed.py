@@ -109,14 +109,12 @@ def test_ranks_shard_each_epoch_disjointly_and_reproducibly(tiny_data, tmp_path)
         "data.batch_size=4", "train.record_samples=true", "train.max_steps=0", "train.epochs=2", "data.num_workers=1",
         "optim.lr_scale=linear", "optim.reference_batch=4", "train.log_every=1",
     )
-    proc = launch(3, *train_args(tiny_data, tmp_path / "a", *args))
-    assert world_size(proc) == 3
-    with socket.socket() as busy:  # run b's rendezvous port is taken: on one node the launch moves to a free port
+    with socket.socket() as busy:  # the rendezvous port is taken: on one node the launch moves to a free port
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        moved = launch(3, *train_args(tiny_data, tmp_path / "b", *args), port=port)
-    assert f"Port `{port}` is already in use" in moved.stderr and world_size(moved) == 3
+        proc = launch(3, *train_args(tiny_data, tmp_path / "a", *args), port=port)
+    assert f"Port `{port}` is already in use" in proc.stderr and world_size(proc) == 3
     split = json.loads((tmp_path / "a" / "split.json").read_text())
     files = sorted(p.relative_to(tiny_data).as_posix() for p in tiny_data.rglob("*.jpg"))
     train_set = {files.index(f) for f in split["train"]}
@@ -128,7 +126,7 @@ def test_ranks_shard_each_epoch_disjointly_and_reproducibly(tiny_data, tmp_path)
         union = parts[0] | parts[1] | parts[2]
         assert union <= train_set and len(train_set - union) < 4 * 3  # all but a tail < one global batch
     assert ranks[0][0] != ranks[0][1]  # reshuffled per epoch
-    assert ranks == [read_samples(tmp_path / "b", r) for r in range(3)]  # same seed, same order
+    # same seed, same order: tests/test_sampler.py; across real runs: the bit-identical resume tests
     # the lr is scaled for the global batch 12 and the schedule counts optimizer steps, once each
     assert "global batch 12 = 4 per device x 3 processes x 1 accumulation; 13 steps/epoch, 26 steps; peak lr 0.003" in proc.stdout
     from flowerdist.config import OptimConfig
