@@ -29,7 +29,6 @@ from pathlib import Path
 
 from flowerdist.errors import FlowerdistError
 
-PARTS = ("model", "plain", "flowerdist", "pipeline", "ddp")
 LABELS = {
     "model": "model step (tensors in memory)",
     "plain": "plain PyTorch loop",
@@ -37,6 +36,7 @@ LABELS = {
     "pipeline": "data pipeline",
     "ddp": "DDP model step",
 }
+PARTS = tuple(LABELS)  # each one is run by `flowerdist.bench_parts.RUNNERS[part]` in a process of its own
 
 
 def _csv(text: str, allowed=None) -> list[str]:
@@ -74,7 +74,7 @@ def add_arguments(p) -> None:
 def bench_data(args) -> str:
     """The folder to read: --data, or a generated set kept under data/ and reused by later runs."""
     if args.data:
-        from flowerdist.data.dataset import scan_folder
+        from flowerdist.data.folder import scan_folder
 
         return str(scan_folder(args.data).root)
     from flowerdist.data.synth import generate

@@ -101,24 +101,17 @@ def part_model(spec: dict, device: torch.device) -> dict:
 def train_loader(spec: dict, device: torch.device, workers: int):
     """What the plain loop and the pipeline part read: flowerdist's dataset, a plain shuffling DataLoader."""
     from flowerdist.data.cache import cache_root, open_cache
-    from flowerdist.data.dataset import FlowerDataset, eval_resize, scan_folder, train_transform
+    from flowerdist.data.dataset import FlowerDataset
+    from flowerdist.data.folder import scan_folder
+    from flowerdist.data.loader import make_loader
+    from flowerdist.data.transforms import eval_resize, train_transform
 
     index = scan_folder(spec["data"])
     cache = None
     if spec["cache"]:
         cache = open_cache(index, eval_resize(spec["image_size"]), cache_root(spec["data"], ""), build=True, workers=workers)
     dataset = FlowerDataset(index, train_transform(spec["image_size"]), seed=0, cache=cache)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=spec["batch"],
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(0),
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    return make_loader(dataset, None, spec["batch"], workers, device, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
 
 
 def endless(loader):
@@ -128,7 +121,7 @@ def endless(loader):
 
 
 def part_plain(spec: dict, device: torch.device) -> dict:
-    from flowerdist.data.dataset import to_model_input
+    from flowerdist.data.transforms import to_model_input
 
     model, optimizer, criterion, scaler, memory_format = build(spec, device)
     step = train_step(model, optimizer, criterion, scaler, device, spec["precision"])
@@ -148,7 +141,7 @@ def part_plain(spec: dict, device: torch.device) -> dict:
 
 def part_flowerdist(spec: dict, device: torch.device) -> dict:
     from flowerdist.config import load_config
-    from flowerdist.data.dataset import scan_folder
+    from flowerdist.data.folder import scan_folder
     from flowerdist.train import train
 
     run_dir = Path(spec["run_dir"])
@@ -218,12 +211,12 @@ def part_ddp(spec: dict, device: torch.device) -> dict:
     return result if accelerator.is_main_process else {}
 
 
-PARTS = {"model": part_model, "plain": part_plain, "flowerdist": part_flowerdist, "pipeline": part_pipeline, "ddp": part_ddp}
+RUNNERS = {"model": part_model, "plain": part_plain, "flowerdist": part_flowerdist, "pipeline": part_pipeline, "ddp": part_ddp}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=PARTS, required=True)
+    parser.add_argument("--part", choices=RUNNERS, required=True)
     parser.add_argument("--spec", required=True, help="JSON file written by `flowerdist bench`")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -231,7 +224,7 @@ def main() -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    result = PARTS[args.part](spec, device)
+    result = RUNNERS[args.part](spec, device)
     if result:
         result["threads"] = torch.get_num_threads()
         Path(args.out).write_text(json.dumps(result))

@@ -1,11 +1,12 @@
-"""Checkpoints on disk: atomic, safe to load, and enough to resume or to predict.
+"""Checkpoints on disk: atomic, safe to load, enough to resume exactly or to predict.
 
 Layout of a run directory's `checkpoints/`:
 
-    step-00000120/            a training checkpoint: weights + optimizer, scheduler, counters, RNG
+    step-00000120/            a training checkpoint
       model.safetensors       weights (safetensors: loading never unpickles code)
       meta.json               classes, resolved config, epoch, step, validation accuracy
-      train_state.pt          optimizer / scheduler / scaler / counters (torch.load weights_only=True)
+      train_state.pt          optimizer, scheduler, scaler, counters, every rank's local state
+                              (torch.load weights_only=True)
       rng-rank<R>.pt          every rank's RNG states
     best-step-00000090/       weights + meta.json of the best validation accuracy so far
     last -> step-00000120     symlinks, replaced atomically
@@ -13,26 +14,37 @@ Layout of a run directory's `checkpoints/`:
 
 Every checkpoint is written under a `.tmp-*` name and renamed only when complete, so a kill
 during a save leaves the previous checkpoint (and the symlinks) intact.
+
+`Checkpointer` owns all of it: when to save (`should_save`), what goes in (the objects with
+`state_dict()`/`load_state_dict()` it was given), the write, pruning, the links and the restore.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from flowerdist.errors import FlowerdistError
+from flowerdist.files import atomic_dir, atomic_symlink
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 TRAIN_STATE = "train_state.pt"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -44,8 +56,6 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over the state dict's names and bytes (equal digests mean bit-identical weights)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, tensor in unwrapped_state_dict(model).items():
         h.update(name.encode())
@@ -74,14 +84,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_symlink(link: Path, target_name: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(target_name)
-    os.replace(tmp, link)
-
-
 def write_checkpoint(
     root: Path,
     name: str,
@@ -91,25 +93,18 @@ def write_checkpoint(
     rng_by_rank: dict[int, dict[str, Any]] | None = None,
     link: str | None = None,
 ) -> Path:
-    """Write `root/name` atomically and point `root/link` at it. Single-process helper."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(state_dict, str(tmp / WEIGHTS))
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    if train_state is not None:
-        torch.save(train_state, tmp / TRAIN_STATE)
-    for rank, state in (rng_by_rank or {}).items():
-        torch.save(state, tmp / f"rng-rank{rank}.pt")
+    """Write `root/name` atomically and point `root/link` at it (a previous `best-*` it pointed at is removed)."""
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final, replace=True) as tmp:
+        save_file(state_dict, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        for rank, state in (rng_by_rank or {}).items():
+            torch.save(state, tmp / f"rng-rank{rank}.pt")
     if link:
         previous = (root / link).resolve() if (root / link).is_symlink() else None
-        _atomic_symlink(root / link, name)
+        atomic_symlink(root / link, name)
         if previous is not None and previous != final.resolve() and previous.name.startswith("best-"):
             shutil.rmtree(previous, ignore_errors=True)
     return final
@@ -186,3 +181,95 @@ def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` training checkpoints (the one `last` points at is always newest)."""
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer):
+    for state in optimizer.state.values():
+        yield from state.values()
+
+
+class Checkpointer:
+    """Saves and restores a run: weights, the replicated state of `states`, every rank's `local` state and RNG.
+
+    All ranks call `save` and `resume` (they gather and wait); only the main process writes.
+    `states` hold the same values on every rank (optimizer, scheduler, counters); `local` hold
+    each rank's own (its share of the running loss), saved per rank.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        every: int,
+        keep_last: int,
+        meta: dict[str, Any],
+        states: dict[str, Stateful],
+        local: dict[str, Stateful],
+    ):
+        self.root = run_dir / "checkpoints"
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.every = every
+        self.keep_last = keep_last
+        self.meta = meta
+        self.states = {"optimizer": optimizer, **states}
+        self.local = local
+
+    def should_save(self, step: int) -> bool:
+        """Mid-epoch checkpoints every `train.checkpoint_every` optimizer steps (epoch ends always save)."""
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, epoch: int, *, best: bool = False, accuracy: float | None = None, best_model: torch.nn.Module | None = None) -> None:
+        """Checkpoint `step-<step>`, and `best-step-<step>` with the weights of `best_model` (default: the model)
+        when `best`; refuses non-finite weights or optimizer state."""
+        accelerator = self.accelerator
+        mine = [{"rng": rng_state(), **{name: obj.state_dict() for name, obj in self.local.items()}}]
+        per_rank = gather_object(mine) if accelerator.num_processes > 1 else mine
+        if accelerator.is_main_process:
+            weights = unwrapped_state_dict(accelerator.unwrap_model(self.model))
+            if not (_all_finite(weights.values()) and _all_finite(_optimizer_tensors(self.optimizer))):
+                raise FlowerdistError(
+                    f"training diverged: the weights became non-finite by step {step}; lower optim.lr or set "
+                    f"optim.clip_grad_norm (the last good checkpoint is kept in {self.root})"
+                )
+            meta = {**self.meta, "epoch": epoch, "step": step, "val_accuracy": accuracy}
+            train_state = {name: obj.state_dict() for name, obj in self.states.items()}
+            train_state["ranks"] = [{k: v for k, v in r.items() if k != "rng"} for r in per_rank]
+            rngs = {rank: r["rng"] for rank, r in enumerate(per_rank)}
+            write_checkpoint(self.root, f"step-{step:08d}", weights, meta, train_state, rngs, link="last")
+            prune(self.root, self.keep_last)
+            if best:
+                best_weights = weights if best_model is None else unwrapped_state_dict(best_model)
+                write_checkpoint(self.root, f"best-step-{step:08d}", best_weights, meta, link="best")
+        accelerator.wait_for_everyone()
+
+    def resume(self, setting: str) -> Path | None:
+        """Restore from `train.resume` (see `find_resume_checkpoint`); returns the checkpoint used, or None.
+
+        Half-written checkpoints that a kill left behind (`.tmp-*`) are removed first.
+        """
+        if self.accelerator.is_main_process:
+            for partial in self.root.glob(".tmp-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        ckpt = find_resume_checkpoint(setting, self.root.parent)
+        if ckpt is None:
+            return None
+        rank = self.accelerator.process_index
+        train_state, rng = load_train_state(ckpt, rank)
+        self.accelerator.unwrap_model(self.model).load_state_dict(read_weights(ckpt))
+        for name, obj in self.states.items():
+            obj.load_state_dict(train_state[name])
+        ranks = train_state["ranks"]
+        for name, obj in self.local.items():
+            obj.load_state_dict(ranks[rank if rank < len(ranks) else 0][name])
+        if rng is not None:
+            set_rng_state(rng)
+        return ckpt

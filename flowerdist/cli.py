@@ -55,23 +55,29 @@ def _synth(args) -> None:
 
 
 def _check(args) -> None:
-    from flowerdist.data.check import check_folder
-    from flowerdist.data.dataset import scan_folder
+    from flowerdist.data.check import check_folder, usable_index
+    from flowerdist.data.folder import scan_folder
 
-    report = check_folder(scan_folder(args.root))
+    index = scan_folder(args.root)
+    report = check_folder(index)
     if args.json:
         print(json.dumps({"root": str(report.root), "total": report.total, "skipped": report.skipped,
                           "converted": report.converted, "counts": report.counts}, indent=1))
     else:
         print("\n".join(report.lines()))
-    if report.empty_classes:
-        raise FlowerdistError(f"class {', '.join(report.empty_classes)} in {args.root} has no readable image; training would stop")
+    usable_index(index, report.skipped)  # a class left without images: the one-line error training would give
 
 
 def _download(args) -> None:
     from flowerdist.data.download import download
 
     print(f"flower_photos in {download(args.out)}")
+
+
+def _sweep(args) -> None:
+    from flowerdist.sweep import run_sweep
+
+    run_sweep(args.file, args.variant, dry_run=args.dry_run, slurm=args.slurm, cell=args.cell)
 
 
 def _bench(args) -> None:
@@ -122,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("download", help="fetch TensorFlow's flower_photos (3,670 photos), verified and extracted")
     p.add_argument("--out", default="data")
     p.set_defaults(func=_download)
+
+    p = sub.add_parser("sweep", help="train every cell of a grid (configs/experiments/), skipping finished cells and resuming partial ones")
+    p.add_argument("file", help="sweep file: config, overrides, grid, output_dir, variants")
+    p.add_argument("--variant", help="a variant of the sweep file, e.g. cpu (its overrides are added to every cell)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and their state, train nothing")
+    p.add_argument("--slurm", action="store_true", help="submit one Slurm job array (a task per unfinished cell) instead of training here")
+    p.add_argument("--cell", type=int, help=argparse.SUPPRESS)  # slurm/launch.sh: print cell N's train arguments
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("bench", help="images/s of the model step, a plain PyTorch loop, the flowerdist loop and the data pipeline")
     from flowerdist.bench import add_arguments

@@ -1,8 +1,9 @@
 """Typed, nested run configuration: defaults < YAML file < dotted `KEY=VALUE` overrides.
 
-Every field has a docstring-style comment with its unit. Unknown keys and wrong types are
-errors that name the key, the file and the closest valid key; impossible values are rejected
-by `validate()` before any work starts.
+Every field has a docstring with its unit. The sections are pydantic dataclasses: types are
+checked (lists included), unknown keys and non-finite numbers are refused, and the first error
+becomes one line that names the key, where it was set (file or command line) and the closest
+valid key. Impossible values are rejected by `validate()` before any work starts.
 """
 
 from __future__ import annotations
@@ -11,21 +12,28 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from flowerdist.errors import FlowerdistError
 
 
-@dataclass
+#: Unknown keys are errors, inf/nan are refused, YAML numbers may fill string fields (a run name 2024).
+section = pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True))
+
+
+@section
 class ModelConfig:
     name: str = "seed_resnet"
     """Model name: `seed_resnet`, `resnet18|34|50|101|152`, or `timm/<timm model name>`."""
-    shortcut: Literal["A", "B", "C"] = "B"
-    """ResNet shortcut option of the paper: A zero-pad identity, B projection where the shape changes, C projection everywhere."""
+    shortcut: Literal["A", "B", "C", "none"] = "B"
+    """ResNet shortcut option of the paper: A zero-pad identity, B projection where the shape changes, C projection
+    everywhere; `none` builds the paper's plain network (the same layers, no shortcut)."""
     pretrained: bool = False
     """Load pretrained weights (timm models only): from `pretrained_file` or the local HF cache."""
     pretrained_file: str | None = None
@@ -38,7 +46,7 @@ class ModelConfig:
     """Wrap the model in torch.compile (costs 20-40 s of compilation at start)."""
 
 
-@dataclass
+@section
 class DataConfig:
     root: str = "data/synthetic_flowers"
     """Image folder laid out ROOT/<class>/<image> (torchvision ImageFolder)."""
@@ -66,7 +74,25 @@ class DataConfig:
     """Smallest area fraction of RandomResizedCrop for training."""
 
 
-@dataclass
+@section
+class AugmentConfig:
+    color_jitter: float = 0.0
+    """Brightness, contrast and saturation jitter strength (torchvision ColorJitter; 0: off)."""
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    """Policy after crop and flip: torchvision's RandAugment (2 ops) or TrivialAugmentWide."""
+    randaugment_magnitude: int = 9
+    """RandAugment magnitude, 0-30."""
+    random_erasing: float = 0.0
+    """Probability of erasing one random box per image (filled with noise)."""
+    mixup_alpha: float = 0.0
+    """MixUp strength: the mixing weight is drawn from Beta(alpha, alpha) (0: off)."""
+    cutmix_alpha: float = 0.0
+    """CutMix strength: the box area is drawn from Beta(alpha, alpha) (0: off)."""
+    mix_prob: float = 1.0
+    """Probability that a micro-batch is mixed when MixUp or CutMix is on (with both on, each is picked half the time)."""
+
+
+@section
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"
     """Optimizer."""
@@ -92,7 +118,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 disables)."""
 
 
-@dataclass
+@section
 class TrainConfig:
     epochs: int = 10
     """Passes over the training split."""
@@ -104,6 +130,14 @@ class TrainConfig:
     """Autocast precision; fp16 uses a gradient scaler (GPU). bf16 is slower than fp32 on most CPUs."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay per optimizer step (timm's ModelEmaV3;
+    0: off). It is evaluated each epoch beside the raw weights and saved in checkpoints."""
+    ema_warmup: bool = True
+    """Ramp the EMA decay up from 0 (timm's warm-up: decay_t = min(ema_decay, 1 - (1 + t)^-2/3)), so early
+    weights do not dominate a short run."""
+    best_of: Literal["model", "ema"] = "model"
+    """Which weights `checkpoints/best` follows: the raw model's validation accuracy or the EMA's."""
     seed: int = 42
     """Seeds the split, the shuffling of every epoch, the initial weights and augmentation."""
     output_dir: str | None = None
@@ -126,7 +160,7 @@ class TrainConfig:
     """Write the dataset indices every rank trained on, per optimizer step, to samples/rank<R>.jsonl (audits sharding)."""
 
 
-@dataclass
+@section
 class LogConfig:
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto: online when an API key is configured, offline otherwise."""
@@ -136,10 +170,11 @@ class LogConfig:
     """Show a tqdm progress bar on the main process."""
 
 
-@dataclass
+@section
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -151,17 +186,11 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, e.g. {"optim.lr": 0.001}: what W&B's config gets."""
-        out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
-            if isinstance(values, dict):
-                out.update({f"{section}.{k}": v for k, v in values.items()})
-            else:
-                out[section] = values
-        return out
+        return _flatten(self.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Loading: pydantic validates types (unknown keys forbidden); we only turn its errors into one line.
 
 
 def _all_keys() -> list[str]:
@@ -174,95 +203,33 @@ def _unknown_key(key: str, where: str) -> FlowerdistError:
     return FlowerdistError(f"unknown config key '{key}' in {where}{hint}")
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check (and for CLI strings, parse) `value` against the field type `tp`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, where)
-            except FlowerdistError:
-                pass
-        raise FlowerdistError(f"config key '{key}' in {where} must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        text = str(value)
-        if text in choices:
-            return text
-        if isinstance(value, str) and value.upper() in choices:
-            return value.upper()
-        raise FlowerdistError(
-            f"config key '{key}' in {where} must be one of {', '.join(map(str, choices))}, got {value!r}"
-        )
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise FlowerdistError(f"config key '{key}' in {where} must be {_type_name(tp)}, got {value!r}")
+def _field_type(key: str, where: str) -> Any:
+    """The annotation of dotted `key` (unknown keys and sections are refused here, with the fix)."""
+    target: Any = Config
+    for i, part in enumerate(key.split(".")):
+        hints = typing.get_type_hints(target) if dataclasses.is_dataclass(target) else {}
+        if part not in hints:
+            raise _unknown_key(key, where)
+        target = hints[part]
+    if dataclasses.is_dataclass(target):
+        raise FlowerdistError(f"config key '{key}' in {where} is a section; set its keys, e.g. '{key}.{dataclasses.fields(target)[0].name}'")
+    return target
 
 
 def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(_type_name(a) for a in args)
     if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
     return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _field_types(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
-
-
-def _set(cfg: Config, key: str, value: Any, where: str, *, parse: bool) -> None:
-    parts = key.split(".")
-    target: Any = cfg
-    for i, part in enumerate(parts):
-        hints = _field_types(target)
-        if part not in hints:
-            raise _unknown_key(key, where)
-        if i == len(parts) - 1:
-            tp = hints[part]
-            if dataclasses.is_dataclass(tp):
-                raise FlowerdistError(f"config key '{key}' in {where} is a section; set its keys, e.g. '{key}.{next(iter(_field_types(getattr(target, part))))}'")
-            if parse and isinstance(value, str):
-                value = _parse_cli_value(value, tp)
-            setattr(target, part, _coerce(value, tp, key, where))
-        else:
-            target = getattr(target, part)
-            if not dataclasses.is_dataclass(target):
-                raise _unknown_key(key, where)
 
 
 def _parse_cli_value(text: str, tp: Any) -> Any:
     """CLI values are strings; YAML-parse them unless the field is a plain string."""
-    if tp is str or (typing.get_origin(tp) is Literal):
+    if tp is str or typing.get_origin(tp) is Literal:
         return text
     try:
         return yaml.safe_load(text)
@@ -270,20 +237,48 @@ def _parse_cli_value(text: str, tp: Any) -> Any:
         return text
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in data.items():
-        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(_flatten(v, f"{prefix}{k}."))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = v
     return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, leaf = key.split(".")
+        target = out
+        for s in sections:
+            target = target.setdefault(s, {})
+        target[leaf] = value
+    return out
+
+
+def _build(flat: dict[str, Any], where: dict[str, str]) -> Config:
+    """Validate dotted values into a Config; the first error becomes one line naming key and source."""
+    for key in flat:
+        _field_type(key, where[key])
+    try:
+        return TypeAdapter(Config).validate_python(_nest(flat))
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"] if isinstance(p, str))
+        source = where.get(key, "the config")
+        if first["type"] == "literal_error" and isinstance(first["input"], str) and first["input"].upper() in first["ctx"]["expected"]:
+            return _build({**flat, key: first["input"].upper()}, where)  # shortcut a -> A
+        if first["type"] == "finite_number":
+            raise FlowerdistError(f"config key '{key}' in {source} must be a finite number, got {first['input']!r}") from None
+        raise FlowerdistError(f"config key '{key}' in {source} must be {_type_name(_field_type(key, source))}, got {first['input']!r}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated Config from defaults, an optional YAML file and `KEY=VALUE` overrides."""
-    cfg = Config()
+    flat: dict[str, Any] = {}
+    name = "flowerdist"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -296,29 +291,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise FlowerdistError(f"config file {path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
         if not isinstance(data, dict):
             raise FlowerdistError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
-        cfg.name = path.stem
-        for key, value in _flatten(data).items():
-            _set(cfg, key, value, str(path), parse=False)
-    return apply_overrides(cfg, overrides)
+        name, flat = path.stem, _flatten(data)
+    return _with_overrides({"name": name, **flat}, {"name": "the config", **dict.fromkeys(flat, str(path))}, overrides)
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply dotted `KEY=VALUE` strings in place (values parsed as YAML), then validate."""
+    """A copy of `cfg` with dotted `KEY=VALUE` strings applied (values parsed as YAML), validated."""
+    flat = _flatten(cfg.to_dict())
+    return _with_overrides(flat, dict.fromkeys(flat, "the config"), overrides)
+
+
+def _with_overrides(flat: dict[str, Any], where: dict[str, str], overrides) -> Config:
     for item in overrides:
         if "=" not in item:
             raise FlowerdistError(f"override '{item}' must look like KEY=VALUE, e.g. optim.lr=0.01")
-        key, value = item.split("=", 1)
-        _set(cfg, key.strip(), value, "the command line", parse=True)
+        key, value = (t.strip() for t in item.split("=", 1))
+        flat[key], where[key] = _parse_cli_value(value, _field_type(key, "the command line")), "the command line"
+    cfg = _build(flat, where)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(data: dict[str, Any], where: str = "a checkpoint") -> Config:
     """Rebuild a Config saved with a run (config.yaml or checkpoint metadata)."""
-    cfg = Config()
-    for key, value in _flatten(data).items():
-        _set(cfg, key, value, where, parse=False)
-    return cfg
+    flat = _flatten(data)
+    return _build(flat, dict.fromkeys(flat, where))
 
 
 def validate(cfg: Config) -> None:
@@ -334,6 +331,12 @@ def validate(cfg: Config) -> None:
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
     need(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
     need(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", "must lie in (0, 1]")
+    need(0.0 <= cfg.augment.color_jitter <= 1.0, "augment.color_jitter", "must lie in [0, 1]")
+    need(0 <= cfg.augment.randaugment_magnitude <= 30, "augment.randaugment_magnitude", "must lie in 0-30")
+    need(0.0 <= cfg.augment.random_erasing <= 1.0, "augment.random_erasing", "must lie in [0, 1]")
+    need(cfg.augment.mixup_alpha >= 0, "augment.mixup_alpha", "must be 0 (off) or positive")
+    need(cfg.augment.cutmix_alpha >= 0, "augment.cutmix_alpha", "must be 0 (off) or positive")
+    need(0.0 <= cfg.augment.mix_prob <= 1.0, "augment.mix_prob", "must lie in [0, 1]")
     need(cfg.data.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
     need(cfg.data.synthetic_size >= 16, "data.synthetic_size", "must be at least 16 pixels")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
@@ -347,6 +350,9 @@ def validate(cfg: Config) -> None:
     need(cfg.train.max_steps >= 0, "train.max_steps", "must be 0 (off) or positive")
     need(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
     need(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", "must lie in [0, 1)")
+    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1) (0: off; 0.999 is typical)")
+    if cfg.train.best_of == "ema" and not cfg.train.ema_decay:
+        raise FlowerdistError("train.best_of=ema needs an EMA: set train.ema_decay (e.g. 0.999) or train.best_of=model")
     need(cfg.train.log_every >= 1, "train.log_every", "must be at least 1")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be 0 (epoch ends only) or positive")
     need(cfg.train.dist_timeout_s >= 10, "train.dist_timeout_s", "must be at least 10 seconds")

@@ -1,7 +1,11 @@
-"""Everything about processes, devices and precision lives here: the Accelerator and the world it got.
+"""Processes, devices and precision: building the Accelerator, checking the world it got, ending it,
+and batch norm over all ranks.
 
-The training loop only uses `accumulate`, `sync_gradients`, `backward`, `reduce` and `print`;
-models never know they are distributed.
+The rest of flowerdist uses the Accelerator in three ways: the training step goes through
+`accumulate`, `sync_gradients`, `backward` and `clip_grad_norm_` (`flowerdist.train.train_step`);
+metrics are summed with `reduce`; and code asks who it is (`process_index`, `num_processes`,
+`is_main_process`, `device`) and waits with `wait_for_everyone`. Models never know they are
+distributed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.distributed.nn.functional as dist_nn
 from datetime import timedelta
 
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 from accelerate.utils import gather_object
 
@@ -39,6 +44,16 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
         # A rank that dies must not leave the others waiting for the default 30 minutes.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
+
+
+def end_accelerator(accelerator: Accelerator) -> None:
+    """Finish the trackers, destroy the process group, and forget Accelerate's process-wide state.
+
+    The reset lets one process train again with other settings (a sweep, a notebook, the tests);
+    Accelerate otherwise refuses a second Accelerator with, say, another mixed precision.
+    """
+    accelerator.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def check_world(accelerator: Accelerator) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flowerdist.data.dataset import to_model_input
+from flowerdist.data.transforms import to_model_input
 
 
 @torch.no_grad()

@@ -10,8 +10,12 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from flowerdist.checkpoint import read_meta, read_weights, resolve_checkpoint
 from flowerdist.config import Config, apply_overrides, config_from_dict
-from flowerdist.data.dataset import IMAGE_EXTENSIONS, FlowerDataset, eval_transform, load_rgb, load_split, scan_folder, to_model_input
 from flowerdist.data.check import check_folder, usable_index
+from flowerdist.data.dataset import FlowerDataset
+from flowerdist.data.folder import load_split, scan_folder
+from flowerdist.data.images import IMAGE_EXTENSIONS, load_rgb
+from flowerdist.data.loader import make_loader
+from flowerdist.data.transforms import eval_transform, to_model_input
 from flowerdist.errors import FlowerdistError
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
@@ -60,13 +64,9 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
             raise FlowerdistError(f"{split_file} is missing, so the run's validation split is unknown; pass data.root=FOLDER to evaluate a folder")
         _, indices = load_split(split_file, index)
         scope = f"validation split of {ckpt.parent.parent}"
-    loader = torch.utils.data.DataLoader(
-        FlowerDataset(index, eval_transform(cfg.data.image_size)),
-        batch_size=cfg.data.batch_size,
-        sampler=indices,
-        num_workers=cfg.data.num_workers,
-    )
-    result = evaluate(model, loader, len(classes), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    loader = make_loader(FlowerDataset(index, eval_transform(cfg.data.image_size)), indices, cfg.data.batch_size, cfg.data.num_workers, cpu)
+    result = evaluate(model, loader, len(classes), cpu)
     return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), **result}
 
 

@@ -28,15 +28,11 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """No weight decay on biases and norm weights (1-D parameters), as timm and torchvision recipes do."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """timm's weight-decay groups: none on biases, norm weights (1-D) and what `model.no_weight_decay()` names."""
+    from timm.optim import param_groups_weight_decay  # timm is slow to import; only training needs it
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     # The fused kernel is the fastest AdamW on CUDA; on the CPU the default (foreach) is used.
@@ -44,5 +40,5 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, device:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step (never once per process: see train.py)."""
+    """Stepped once per optimizer step by the loop, never once per process (see `step_scheduler_with_optimizer` in distributed.py)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

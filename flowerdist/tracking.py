@@ -1,7 +1,8 @@
 """Where metrics go: metrics.jsonl, the console, and W&B through Accelerate's tracker.
 
 All three share one call, `RunLogger.log(metrics, step)`, made on every rank; only the main
-process writes. W&B is imported only when it is used.
+process writes. W&B is imported only when it is used. `StepLog` times the steps and keeps the
+running loss on the device; `SampleRecorder` writes which samples each rank trained on.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from flowerdist.config import Config
@@ -39,23 +42,36 @@ def resolve_wandb_mode(setting: str) -> str | None:
 
 
 class RunLogger:
-    """Appends every event to metrics.jsonl and mirrors it to W&B (main process only)."""
+    """Appends every event to metrics.jsonl and mirrors it to W&B (main process only).
+
+    A context manager: leaving it finishes the W&B run (on error too) but leaves the process
+    group alone; `flowerdist.train.train` ends the Accelerate state. Its state (the W&B run id)
+    goes into checkpoints, so a resumed run continues the same W&B run.
+    """
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, wandb_mode: str | None):
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
         self.wandb_mode = wandb_mode
+        self.resume_id: str | None = None
 
-    def start(self, cfg: Config, run_name: str, extra_config: dict[str, Any], run_id: str | None = None) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {"wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume_id = state.get("wandb_run_id")
+
+    def start(self, cfg: Config, extra_config: dict[str, Any], replay_to: int | None = None) -> RunLogger:
+        """Open the W&B run (a new one, or the checkpoint's); after a resume, re-send history up to `replay_to`."""
         if self.wandb_mode is None:
-            return
+            return self
         if self.wandb_mode == "offline" and cfg.log.wandb == "auto":
             say(self.accelerator, "flowerdist: no W&B API key configured: logging W&B offline (upload later with `wandb sync`)")
         init = {
             "mode": self.wandb_mode,
             "dir": str(self.path.parent),
-            "name": run_name,
-            "id": run_id,
+            "name": self.path.parent.name,
+            "id": self.resume_id,
             "resume": "allow",
             "settings": {"silent": True},  # our own lines say where the run is; W&B's banner is noise
         }
@@ -66,14 +82,17 @@ class RunLogger:
         if self.accelerator.is_main_process:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             say(self.accelerator, f"flowerdist: W&B run {run.id} ({self.wandb_mode}) in {run.dir}")
+        if replay_to is not None:
+            self._replay(replay_to)
+        return self
 
-    def replay(self, up_to_step: int) -> None:
-        """After a resume, re-send to W&B the logged events up to the checkpoint's step.
+    def _replay(self, up_to_step: int) -> None:
+        """Re-send to W&B the logged events up to the checkpoint's step.
 
         A killed process can lose W&B's unflushed buffer; metrics.jsonl is the record. Steps
         W&B already has (`run.step` on a resumed online run) are not sent again.
         """
-        if self.wandb_mode is None or not self.accelerator.is_main_process or not self.path.is_file():
+        if not self.accelerator.is_main_process or not self.path.is_file():
             return
         first = getattr(self.accelerator.get_tracker("wandb", unwrap=True), "step", 0) or 0
         for line in self.path.read_text().splitlines():
@@ -83,7 +102,7 @@ class RunLogger:
 
     @property
     def wandb_run_id(self) -> str | None:
-        if self.wandb_mode is None or not self.accelerator.is_main_process:
+        if self.wandb_mode is None or not self.accelerator.is_main_process or not self.accelerator.trackers:
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True).id
 
@@ -96,9 +115,120 @@ class RunLogger:
         if self.wandb_mode is not None:
             self.accelerator.log({**_scalars(metrics), **(tables or {})}, step=step)
 
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        if self.wandb_mode is not None:
-            self.accelerator.end_training()
+        """Finish the trackers (idempotent); the process group stays for `train()` to end."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
+
+
+class StepLog:
+    """Keeps the running loss on the device and syncs it only every `every` optimizer steps.
+
+    Windows are back to back: each ends where the next begins, so logging, checkpoint and metric
+    costs inside an epoch count against images/s. Only the epoch-end evaluation between epochs is
+    left out (`new_epoch`). `data_wait` is the share of the window the loop spent waiting for the
+    DataLoader: near 0 when the model is the bottleneck, near 1 when the data path is.
+    Its state (this rank's loss sums) goes into checkpoints, so resumed runs log the same numbers.
+    """
+
+    def __init__(self, every: int, device: torch.device, images_per_step: int):
+        self.every = every
+        self.images_per_step = images_per_step
+        self.loss_sum = torch.zeros((), device=device)
+        self.micro_steps = 0
+        self.epoch_loss_sum = torch.zeros((), device=device)
+        self.epoch_micro_steps = 0
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
+        """Start a timing window (after the evaluation between epochs)."""
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.data_wait = 0.0
+
+    def timed(self, loader):
+        """Iterate `loader`, counting the time spent waiting for each batch as data wait."""
+        batches = iter(loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.data_wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self.loss_sum += loss
+        self.epoch_loss_sum += loss
+        self.micro_steps += 1
+        self.epoch_micro_steps += 1
+
+    def tick(self, step: int, last: bool) -> bool:
+        """Count one optimizer step in the window; True when this step logs."""
+        self.window_steps += 1
+        return step % self.every == 0 or last
+
+    def flush(self, accelerator: Accelerator) -> tuple[float, float, float]:
+        """Mean loss over the window and all ranks, global images/s and the data-wait share (one host sync)."""
+        loss = accelerator.reduce(self.loss_sum / max(1, self.micro_steps), "mean").item()
+        now = time.perf_counter()
+        elapsed = max(now - self.window_start, 1e-9)
+        rate = self.window_steps * self.images_per_step / elapsed
+        wait = self.data_wait / elapsed
+        self.loss_sum.zero_()
+        self.micro_steps = 0
+        self.window_steps = 0
+        self.data_wait = 0.0
+        self.window_start = now
+        return loss, rate, wait
+
+    def epoch_loss(self, accelerator: Accelerator) -> float:
+        """Mean training loss of the epoch over all ranks; resets the epoch sums."""
+        loss = accelerator.reduce(self.epoch_loss_sum / max(1, self.epoch_micro_steps), "mean").item()
+        self.epoch_loss_sum.zero_()
+        self.epoch_micro_steps = 0
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's un-logged sums (a host sync, done only when saving)."""
+        return {"window_loss": float(self.loss_sum), "window_micro_steps": self.micro_steps,
+                "epoch_loss": float(self.epoch_loss_sum), "epoch_micro_steps": self.epoch_micro_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum.fill_(state["window_loss"])
+        self.micro_steps = state["window_micro_steps"]
+        self.epoch_loss_sum.fill_(state["epoch_loss"])
+        self.epoch_micro_steps = state["epoch_micro_steps"]
+
+
+class SampleRecorder:
+    """`train.record_samples`: the dataset indices this rank trained on, per optimizer step, to
+    samples/rank<R>.jsonl (audits sharding and resume). Off, it does nothing."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool):
+        self.file = None
+        if enabled:
+            (run_dir / "samples").mkdir(exist_ok=True)
+            self.file = open(run_dir / "samples" / f"rank{rank}.jsonl", "a")
+
+    def write(self, epoch: int, step: int, indices: torch.Tensor) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"epoch": epoch, "step": step, "indices": indices.tolist()}) + "\n")
+
+    def __enter__(self) -> SampleRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 # Shared body of slurm/single_node.sbatch and slurm/multi_node.sbatch.
 #
 #   launch.sh CONFIG [KEY=VALUE ...]            (in the batch step, on the head node)
+#   launch.sh --sweep FILE [--variant V]        (a task of `flowerdist sweep FILE --slurm`'s job array)
 #   launch.sh --on-node CONFIG [KEY=VALUE ...]  (what srun runs, once per node)
 #
 # The batch step works out what is the same on every node (head address, port,
@@ -33,6 +34,16 @@ cd "$SLURM_SUBMIT_DIR"
 [ -f .venv/bin/activate ] && source .venv/bin/activate
 
 if [ "$on_node" = 0 ]; then
+    if [ "$1" = "--sweep" ]; then
+        # A task of the job array `flowerdist sweep FILE --slurm` submits: task i trains cell i
+        # (its config and overrides, including its own run directory and train.resume=auto).
+        [ -n "${SLURM_ARRAY_TASK_ID:-}" ] || die "--sweep runs as a job array task; submit with: flowerdist sweep FILE --slurm"
+        shift
+        cell=$(python -m flowerdist sweep "$@" --cell "$SLURM_ARRAY_TASK_ID") || exit 2
+        read -ra cell_args <<<"$cell"
+        set -- "${cell_args[@]}"
+        echo "flowerdist/slurm: sweep cell $SLURM_ARRAY_TASK_ID: $*"
+    fi
     config=$1; shift
     device=${FLOWERDIST_DEVICE:-gpu}
     nnodes=${SLURM_NNODES:-1}

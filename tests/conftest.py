@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -19,19 +21,28 @@ os.environ.pop("WANDB_API_KEY", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m flowerdist ARGS` as a real process; on failure show its output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "flowerdist", *args],
-        cwd=cwd or REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"flowerdist {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `flowerdist ARGS` in this process (`cli.main`, from the repo root) with its output captured.
+
+    A fresh process would cost ~7 s of importing torch; tests start one only where the process
+    is the point (several ranks, a kill, a launcher, an environment read at import).
+    """
+    from flowerdist.cli import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+        # W&B publishes its service socket here; a process started later would inherit it and share our
+        # service (a run it leaves behind when killed then stays "in use" for the resumed one).
+        os.environ.pop("WANDB_SERVICE", None)
+    done = subprocess.CompletedProcess(["flowerdist", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"flowerdist {' '.join(map(str, args))} exited {code}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
 
 
 @pytest.fixture(scope="session")
@@ -85,35 +96,33 @@ def accelerate_cmd(nprocs: int, *train_args: str, num_machines: int = 1, machine
 
 
 def launch_many(*runs: tuple, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Start several trainings `(nprocs, train_args[, port])` at once and wait for all of them.
+    """Run several trainings `(nprocs, train_args[, port])` side by side and return their results in order.
 
-    A short run is mostly process start-up (importing torch and torchvision, single-threaded,
-    ~7 s here), so two runs side by side on two cores take little longer than one. Results do
-    not change: each process keeps its own thread count.
+    The multi-process ones start first as real `accelerate launch` runs; the 1-process ones then
+    run in this process while those import torch and train. Results do not change: each
+    process keeps its own thread count.
     """
-    started = []
-    for nprocs, train_args, *port in runs:
-        if nprocs == 1:
-            cmd, env = [sys.executable, "-m", "flowerdist", "train", *train_args], dict(os.environ)
-        else:
+    started = {}
+    for i, (nprocs, train_args, *port) in enumerate(runs):
+        if nprocs > 1:
             cmd, env = accelerate_cmd(nprocs, *train_args, port=port[0] if port else free_port()), {**os.environ, "ACCELERATE_USE_CPU": "1"}
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        started.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True), out, err))
-    results = []
-    for proc, out, err in started:
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            started[i] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True), out, err)
+    results = {i: run_cli("train", *train_args) for i, (nprocs, train_args, *_) in enumerate(runs) if nprocs == 1}
+    for i, (proc, out, err) in started.items():
         proc.wait(timeout=timeout)
         out.seek(0), err.seek(0)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
         if done.returncode != 0:
             raise AssertionError(f"{' '.join(map(str, proc.args[:4]))} ... exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        results.append(done)
-    return results
+        results[i] = done
+    return [results[i] for i in range(len(runs))]
 
 
 def launch(nprocs: int, *train_args: str, timeout: float = 600, port: int | None = None) -> subprocess.CompletedProcess:
     """Train with `nprocs` real CPU processes (gloo) through accelerate launch; 1 means plain `flowerdist train`."""
     if nprocs == 1:
-        return run_cli("train", *train_args, timeout=timeout)
+        return run_cli("train", *train_args)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(accelerate_cmd(nprocs, *train_args, port=port or free_port()), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -11,7 +11,9 @@ from PIL import Image
 
 from conftest import TINY, run_cli
 from flowerdist.data.check import check_folder, usable_index
-from flowerdist.data.dataset import FlowerDataset, eval_transform, scan_folder
+from flowerdist.data.dataset import FlowerDataset
+from flowerdist.data.folder import scan_folder
+from flowerdist.data.transforms import eval_transform
 from flowerdist.errors import FlowerdistError
 
 CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
@@ -88,7 +90,7 @@ def test_folder_errors(tmp_path):
     (tmp_path / "f" / "daisy").mkdir(parents=True)
     (tmp_path / "f" / "roses").mkdir()
     rgb(0).save(tmp_path / "f" / "roses" / "a.jpg")
-    with pytest.raises(FlowerdistError, match="class folder.* daisy .* hold no images"):
+    with pytest.raises(FlowerdistError, match="class daisy in .* holds no images; add images"):
         scan_folder(tmp_path / "f")
 
 

@@ -11,7 +11,9 @@ import torch
 
 from conftest import TINY, run_cli
 from flowerdist.data.cache import cache_key, open_cache
-from flowerdist.data.dataset import FlowerDataset, eval_resize, eval_transform, scan_folder, train_transform
+from flowerdist.data.dataset import FlowerDataset
+from flowerdist.data.folder import scan_folder
+from flowerdist.data.transforms import eval_resize, eval_transform, train_transform
 from flowerdist.data.sampler import ShardedSampler
 from flowerdist.errors import FlowerdistError
 
@@ -88,3 +90,13 @@ def test_training_from_the_cache_ends_with_the_same_weights(tiny_data, tmp_path)
         digests.append(re.search(r"weights sha256 (\w+)", out).group(1))
     assert digests[0] == digests[1]
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_a_failed_build_leaves_nothing_behind(tiny_data, tmp_path):
+    folder = tmp_path / "flowers"
+    os.system(f"cp -r {tiny_data} {folder}")
+    index = scan_folder(folder)
+    (folder / index.files[-1]).write_bytes(b"not a jpeg")  # decoding fails at the last image
+    with pytest.raises(OSError):
+        open_cache(index, 64, tmp_path / "cache", build=True, **SILENT)
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -33,7 +33,7 @@ def test_shipped_config_set():
     [
         ("optim.lrr=0.1", "unknown config key 'optim.lrr' in the command line; did you mean 'optim.lr'?"),
         ("data.batch_size=abc", "config key 'data.batch_size' in the command line must be int, got 'abc'"),
-        ("model.shortcut=D", "config key 'model.shortcut' in the command line must be one of A, B, C, got 'D'"),
+        ("model.shortcut=D", "config key 'model.shortcut' in the command line must be one of A, B, C, none, got 'D'"),
         ("train.mixed_precision=fp8", "must be one of no, fp16, bf16"),
         ("optim.lr=-1", "config key 'optim.lr' must be positive (got -1.0)"),
         ("data.batch_size=0", "config key 'data.batch_size' must be at least 1 (got 0)"),

@@ -13,9 +13,10 @@ import torchvision
 from safetensors.torch import save_file
 
 from flowerdist.errors import FlowerdistError
-from flowerdist.models import create_model, list_models
+from flowerdist.models import create_model, list_models, register_model
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+SCRATCH = [name for name in list_models() if not name.startswith("timm/")]  # every registered model, as timm's tests do
 TORCHVISION_B_PARAMS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
@@ -50,8 +51,12 @@ def test_list_models_names_scratch_models_and_timm_hint():
     assert any(n.startswith("timm/") for n in names)
 
 
+def test_list_models_covers_the_known_models():
+    assert set(SCRATCH) >= set(RESNETS) | {"seed_resnet"}
+
+
 @pytest.mark.parametrize("shortcut", ["A", "B", "C"])
-@pytest.mark.parametrize("name", RESNETS + ["seed_resnet"])
+@pytest.mark.parametrize("name", SCRATCH)
 def test_forward_backward_every_parameter_gets_a_gradient(name, shortcut):
     torch.manual_seed(0)
     # init_weights=False: this checks structure; seed_resnet ignores shortcut
@@ -78,6 +83,29 @@ def test_shortcut_a_is_parameter_free_and_c_projects_every_block(name):
     blocks = [blk for layer in (c.layer1, c.layer2, c.layer3, c.layer4) for blk in layer]
     projections = [blk.downsample[0] if isinstance(blk.downsample, torch.nn.Sequential) else None for blk in blocks]
     assert all(isinstance(p, torch.nn.Conv2d) and p.kernel_size == (1, 1) for p in projections)
+
+
+def test_registry_reads_the_entry_points_own_signature():
+    from flowerdist.models import registry
+
+    @register_model
+    def _test_any_module(num_classes: int = 5, image_size: int = 224) -> torch.nn.Module:  # annotated nn.Module: fine
+        return torch.nn.Linear(image_size, num_classes)
+
+    @register_model
+    def _test_kwargs(**kwargs):  # no annotation, takes everything
+        return torch.nn.Linear(kwargs["image_size"], kwargs["num_classes"])
+
+    try:
+        assert create_model("_test_any_module", num_classes=7, image_size=3).out_features == 7
+        model = create_model("_test_kwargs", num_classes=7, image_size=3, shortcut="C")
+        assert (model.in_features, model.out_features) == (3, 7)
+        with pytest.raises(TypeError, match="must accept num_classes"):
+            register_model(lambda image_size=3: torch.nn.Identity())
+    finally:
+        for name in ("_test_any_module", "_test_kwargs"):
+            registry._ENTRYPOINTS.pop(name, None)
+            registry._OPTIONS.pop(name, None)
 
 
 def test_bad_shortcut_names_the_key():

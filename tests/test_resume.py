@@ -149,8 +149,10 @@ def test_kill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tiny_data, t
         assert proc.stdout.readline().strip() == "stalled"
         proc.kill()
         proc.wait()
-        assert not (root / "step-00000099").exists() and (root / ".tmp-step-00000099" / "model.safetensors").is_file()
-        assert not (root / ".tmp-step-00000099" / "meta.json").exists()  # killed mid-save
+        partial = root / f".tmp-step-00000099-{proc.pid}"  # the writer's temporary folder, left by the kill
+        assert not (root / "step-00000099").exists() and (partial / "model.safetensors").is_file()
+        assert not (partial / "meta.json").exists()  # killed mid-save
         assert (root / "last").resolve() == before
     out = run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=9", "train.resume=auto")).stdout
     assert f"resuming from {before}" in out
+    assert not list(root.glob(".tmp-*"))  # the resumed run cleared what the killed writers left

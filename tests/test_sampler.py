@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flowerdist.data.dataset import stratified_split
+from flowerdist.data.folder import stratified_split
 from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.errors import FlowerdistError
 
@@ -51,7 +51,7 @@ def test_resume_skips_seen_micro_batches():
     s = ShardedSampler(list(range(40)), 4, 0, 1, 1, seed=3)
     s.set_epoch(2)
     full = [i for _, i in s]
-    s.set_epoch(2, start_micro_step=3)
+    s.set_epoch(2, start_sample=12)
     assert [i for _, i in s] == full[12:] and len(s) == len(full) - 12
 
 

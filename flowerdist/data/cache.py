@@ -33,8 +33,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from flowerdist.data.dataset import ImageFolderIndex, load_rgb
+from flowerdist.data.folder import ImageFolderIndex
+from flowerdist.data.images import load_rgb
+from flowerdist.data.loader import make_loader
 from flowerdist.errors import FlowerdistError
+from flowerdist.files import atomic_dir
 
 CACHE_VERSION = 1
 
@@ -102,40 +105,36 @@ def _estimated_bytes(index: ImageFolderIndex, short_side: int) -> int:
 
 
 def build_cache(index: ImageFolderIndex, short_side: int, folder: Path, workers: int = 0, log=print) -> None:
-    """Decode every image of `index` into `folder` (atomically: written under a temporary name)."""
+    """Decode every image of `index` into `folder` (atomically: nothing is left behind if it fails)."""
     parent = folder.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".tmp-{folder.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        free = shutil.disk_usage(parent).free
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as err:
         raise FlowerdistError(f"cannot create the image cache in {parent} ({err.strerror}); set data.cache_dir=DIR to a writable folder") from None
     need = _estimated_bytes(index, short_side)
-    free = shutil.disk_usage(parent).free
     if need * 1.05 > free:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise FlowerdistError(
             f"the image cache needs about {need / 2**30:.1f} GiB but {parent} has {free / 2**30:.1f} GiB free; "
             "set data.cache_dir=DIR elsewhere or data.cache=false"
         )
     log(f"flowerdist: caching {len(index)} decoded images (short side {short_side}, about {need / 2**20:.0f} MiB) in {folder} (once)")
     start = time.perf_counter()
-    loader = torch.utils.data.DataLoader(_Decode(index, short_side), batch_size=None, num_workers=workers)
+    loader = make_loader(_Decode(index, short_side), None, None, workers, torch.device("cpu"))
     offsets, shapes, offset = [], [], 0
-    with open(tmp / "images.u8", "wb") as f:
-        for image in loader:
-            offsets.append(offset)
-            shapes.append(list(image.shape))
-            f.write(image.numpy().tobytes())
-            offset += image.numel()
-    meta = {"version": CACHE_VERSION, "short_side": short_side, "root": str(index.root), "files": list(index.files),
-            "labels": list(index.labels), "offsets": offsets, "shapes": shapes}
-    (tmp / "index.json").write_text(json.dumps(meta))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another node or process finished the same cache first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    # exist_ok: another node or process may finish the same cache first; theirs is identical
+    with atomic_dir(folder, exist_ok=True) as tmp:
+        with open(tmp / "images.u8", "wb") as f:
+            for image in loader:
+                offsets.append(offset)
+                shapes.append(list(image.shape))
+                f.write(image.numpy().tobytes())
+                offset += image.numel()
+        meta = {"version": CACHE_VERSION, "short_side": short_side, "root": str(index.root), "files": list(index.files),
+                "labels": list(index.labels), "offsets": offsets, "shapes": shapes}
+        (tmp / "index.json").write_text(json.dumps(meta))
     log(f"flowerdist: cached {len(index)} images, {offset / 2**20:.0f} MiB, in {time.perf_counter() - start:.1f} s")
 
 

@@ -9,41 +9,13 @@ loaded. A class left without images stops the run before any work.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from flowerdist.data.dataset import ImageFolderIndex
-from flowerdist.errors import FlowerdistError
-
-#: Images with more pixels are refused as decompression bombs (a 9000x7000 photo still passes).
-MAX_PIXELS = 64_000_000
-
-
-def check_image(path: Path) -> tuple[str, str]:
-    """("ok" | "convert" | "skip", detail)."""
-    try:
-        if path.stat().st_size == 0:
-            return "skip", "empty file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    return "skip", f"too large ({w}x{h} px, decompression-bomb guard)"
-                mode = img.mode
-                img.load()
-    except UnidentifiedImageError:
-        return "skip", "not an image"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "skip", "too large (decompression-bomb guard)"
-    except (OSError, SyntaxError, ValueError) as err:
-        return "skip", f"truncated or corrupt ({str(err).splitlines()[0][:60]})"
-    return ("ok", mode) if mode == "RGB" else ("convert", mode)
+from flowerdist.data.folder import ImageFolderIndex, require_images_in_every_class
+from flowerdist.data.images import check_image
 
 
 @dataclass
@@ -63,10 +35,6 @@ class CheckReport:
             out.append(f"  skipped {name}: {reason}")
         out.append("  per class: " + ", ".join(f"{c} {n}" for c, n in self.counts.items()))
         return out
-
-    @property
-    def empty_classes(self) -> list[str]:
-        return [c for c, n in self.counts.items() if n == 0]
 
 
 def check_folder(index: ImageFolderIndex, threads: int = 4) -> CheckReport:
@@ -90,10 +58,7 @@ def usable_index(index: ImageFolderIndex, skipped: set[str] | dict[str, str]) ->
     """The index without skipped files; fails before training when a class ends up empty."""
     keep = [i for i, f in enumerate(index.files) if f not in skipped]
     filtered = replace(index, files=tuple(index.files[i] for i in keep), labels=tuple(index.labels[i] for i in keep))
-    empty = [c for c, n in filtered.counts().items() if n == 0]
-    if empty:
-        raise FlowerdistError(
-            f"class {', '.join(empty)} in {index.root} has no readable image left after skipping bad files; "
-            f"run `flowerdist data check {index.root}` for the list"
-        )
+    require_images_in_every_class(
+        filtered, "has no readable image left after skipping bad files", f"run `flowerdist data check {index.root}` for the list"
+    )
     return filtered

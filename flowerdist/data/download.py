@@ -17,7 +17,6 @@ import hashlib
 import http.client
 import logging
 import os
-import shutil
 import tarfile
 import urllib.error
 import urllib.parse
@@ -28,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from flowerdist.errors import FlowerdistError
+from flowerdist.files import temp_dir
 
 __all__ = [
     "FLOWER_PHOTOS_SHA256",
@@ -166,14 +166,9 @@ def safe_extract(archive: Path, out: Path) -> Path:
     already exists in `out`.
     """
     archive, out = Path(archive), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{archive.name}.extract-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    target = tmp.resolve()
     skipped = 0
 
-    def members(tar: tarfile.TarFile):
+    def members(tar: tarfile.TarFile, target: Path):
         nonlocal skipped
         for m in tar:
             if _check_member(m, target, archive):
@@ -181,13 +176,14 @@ def safe_extract(archive: Path, out: Path) -> Path:
             else:
                 skipped += 1
 
-    try:
+    with temp_dir(out, f"extract-{archive.name}") as tmp:
+        target = tmp.resolve()
         try:
             with tarfile.open(archive, "r:*") as tar:
                 if hasattr(tarfile, "data_filter"):
-                    tar.extractall(target, members=members(tar), filter="data")
+                    tar.extractall(target, members=members(tar, target), filter="data")
                 else:  # pragma: no cover - Python without extraction filters
-                    tar.extractall(target, members=members(tar))
+                    tar.extractall(target, members=members(tar, target))
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise FlowerdistError(
                 f"could not extract {archive} ({e}): if it is truncated or damaged, delete it and rerun"
@@ -202,8 +198,6 @@ def safe_extract(archive: Path, out: Path) -> Path:
             )
         for name in entries:
             os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if skipped:
         log.warning("skipped %d link(s) or special file(s) in %s", skipped, archive)
     return out / entries[0] if len(entries) == 1 else out

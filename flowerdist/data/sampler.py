@@ -43,6 +43,7 @@ class ShardedSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.epoch = 0
         self.start_micro_step = 0
+        self.global_micro_batch = batch_size * world_size
         step_images = batch_size * world_size * grad_accum_steps
         self.steps_per_epoch = len(self.indices) // step_images
         if self.steps_per_epoch == 0:
@@ -56,10 +57,15 @@ class ShardedSampler(torch.utils.data.Sampler):
     def micro_steps_per_epoch(self) -> int:
         return self.steps_per_epoch * self.grad_accum_steps
 
-    def set_epoch(self, epoch: int, start_micro_step: int = 0) -> None:
-        """Select the epoch's order; skip the first `start_micro_step` micro-batches (resume)."""
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Select the epoch's order; skip its first `start_sample` samples, counted over all ranks (resume)."""
+        if start_sample % self.global_micro_batch:
+            raise FlowerdistError(
+                f"cannot resume {start_sample} samples into epoch {epoch}: not a whole number of global micro-batches "
+                f"of {self.global_micro_batch} ({self.batch_size} per device x {self.world_size} processes)"
+            )
         self.epoch = epoch
-        self.start_micro_step = start_micro_step
+        self.start_micro_step = start_sample // self.global_micro_batch
 
     def rank_indices(self) -> np.ndarray:
         """This rank's indices for the epoch, in order, before skipping (micro-batch major)."""

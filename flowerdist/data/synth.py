@@ -23,8 +23,6 @@ that network, which has no global pooling.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from flowerdist.data import FLOWER_CLASSES
 from flowerdist.errors import FlowerdistError
+from flowerdist.files import atomic_dir
 
 __all__ = ["generate", "render"]
 
@@ -413,10 +412,7 @@ def generate(out: str | Path, per_class: int = 200, size: int = 128, seed: int =
         raise FlowerdistError(f"seed={seed} is negative: pass a --seed of 0 or more")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FlowerdistError(f"{out} already exists: choose another --out or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         for name in FLOWER_CLASSES:
             (tmp / name).mkdir(parents=True)
         step = max(1, math.ceil(per_class / 4))
@@ -431,10 +427,4 @@ def generate(out: str | Path, per_class: int = 200, size: int = 128, seed: int =
         else:
             for job in jobs:
                 _write_range(job)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import typing
 from typing import Callable
 
 import torch.nn as nn
@@ -18,18 +17,22 @@ from flowerdist.errors import FlowerdistError
 TIMM_PREFIX = "timm/"
 
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
-_OPTIONS: dict[str, frozenset[str]] = {}
+_OPTIONS: dict[str, frozenset[str] | None] = {}  # None: the entry point takes **kwargs, i.e. every option
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `fn` under its own name.
 
-    The return annotation names the model class: its constructor's keywords are the options
-    `create_model` passes on, so a model silently ignores options it has no use for.
+    The entry point's own signature says which options it takes: `create_model` passes it
+    `num_classes` (which it must accept) and those of `shortcut`, `image_size`, `init_weights` it
+    names. An entry point that cannot take `num_classes` is refused here, at import.
     """
-    cls = typing.get_type_hints(fn)["return"]
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "num_classes" not in params and not takes_all:
+        raise TypeError(f"model entry point {fn.__module__}.{fn.__name__} must accept num_classes")
     _ENTRYPOINTS[fn.__name__] = fn
-    _OPTIONS[fn.__name__] = frozenset(inspect.signature(cls).parameters)
+    _OPTIONS[fn.__name__] = None if takes_all else frozenset(params)
     return fn
 
 
@@ -72,4 +75,5 @@ def create_model(
             f"model.pretrained_file, or use a timm model such as model.name={TIMM_PREFIX}resnet50"
         )
     options = {"num_classes": num_classes, "shortcut": shortcut, "image_size": image_size, "init_weights": init_weights}
-    return _ENTRYPOINTS[name](**{k: v for k, v in options.items() if k in _OPTIONS[name]})
+    accepted = _OPTIONS[name]
+    return _ENTRYPOINTS[name](**{k: v for k, v in options.items() if accepted is None or k in accepted})

@@ -1,9 +1,10 @@
-"""ResNet-18/34/50/101/152 from scratch, with the paper's three shortcut options.
+"""ResNet-18/34/50/101/152 from scratch, with the paper's three shortcut options and its plain networks.
 
 Shortcut B reproduces torchvision's ResNets (v1.5: stride on the bottleneck's 3x3 conv) parameter for
 parameter, so torchvision state dicts load strictly. A and C exist to compare the options of He et al.
 (2015), section 3.3: A = parameter-free identity (zero-padded channels, strided subsampling),
-B = projection only where the shape changes, C = projection on every block.
+B = projection only where the shape changes, C = projection on every block; `none` drops the
+shortcut altogether, giving the plain networks of the paper's degradation experiment (figure 4).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from flowerdist.errors import FlowerdistError
 from flowerdist.models.registry import register_model
 
-SHORTCUTS = ("A", "B", "C")
+SHORTCUTS = ("A", "B", "C", "none")
 
 
 def init_weights_(model: nn.Module, zero_init_last: bool = False) -> None:
@@ -78,7 +79,7 @@ class ShortcutA(nn.Module):
 
 
 def make_shortcut(kind: str, inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
-    """The shortcut of one block (None = plain identity), following option `kind`."""
+    """The shortcut of one block (None = plain identity), following option `kind` (not called for `none`)."""
     shape_changes = stride != 1 or inplanes != outplanes
     if kind == "A":
         return ShortcutA(stride, outplanes - inplanes) if shape_changes else None
@@ -102,8 +103,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, residual: bool = True):
         super().__init__()
+        self.residual = residual
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
@@ -115,10 +117,11 @@ class BasicBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)  # (B, planes, H/s, W/s)
         out = self.relu(self.bn1(self.conv1(x)))  # (B, planes, H/s, W/s)
         out = self.bn2(self.conv2(out))
-        return self.relu(out + shortcut)
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))  # shortcut: (B, planes, H/s, W/s)
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -126,8 +129,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, residual: bool = True):
         super().__init__()
+        self.residual = residual
         self.conv1 = conv1x1(inplanes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, stride)
@@ -141,11 +145,12 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)  # (B, 4*planes, H/s, W/s)
         out = self.relu(self.bn1(self.conv1(x)))  # (B, planes, H, W)
         out = self.relu(self.bn2(self.conv2(out)))  # (B, planes, H/s, W/s)
         out = self.bn3(self.conv3(out))  # (B, 4*planes, H/s, W/s)
-        return self.relu(out + shortcut)
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))  # shortcut: (B, 4*planes, H/s, W/s)
+        return self.relu(out)
 
 
 class ResNet(ClassifierMixin, nn.Module):
@@ -166,7 +171,7 @@ class ResNet(ClassifierMixin, nn.Module):
         if shortcut not in SHORTCUTS:
             raise FlowerdistError(
                 f"model.shortcut={shortcut!r} is not a ResNet shortcut option: use A (zero-pad identity), "
-                f"B (projection where the shape changes) or C (projection everywhere)"
+                f"B (projection where the shape changes), C (projection everywhere) or none (plain network)"
             )
         self.shortcut = shortcut
         self.num_classes = num_classes
@@ -187,10 +192,11 @@ class ResNet(ClassifierMixin, nn.Module):
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int):
         layers = []
+        residual = self.shortcut != "none"
         for i in range(blocks):
             outplanes = planes * block.expansion
-            downsample = make_shortcut(self.shortcut, self.inplanes, outplanes, stride if i == 0 else 1)
-            layers.append(block(self.inplanes, planes, stride if i == 0 else 1, downsample))
+            downsample = make_shortcut(self.shortcut, self.inplanes, outplanes, stride if i == 0 else 1) if residual else None
+            layers.append(block(self.inplanes, planes, stride if i == 0 else 1, downsample, residual))
             self.inplanes = outplanes
         return nn.Sequential(*layers)
 
@@ -208,30 +214,30 @@ class ResNet(ClassifierMixin, nn.Module):
 
 
 @register_model
-def resnet18(**kwargs) -> ResNet:
+def resnet18(num_classes: int = 1000, shortcut: str = "B", init_weights: bool = True, zero_init_last: bool = False) -> ResNet:
     """ResNet-18: BasicBlock x [2, 2, 2, 2]."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, shortcut=shortcut, init_weights=init_weights, zero_init_last=zero_init_last)
 
 
 @register_model
-def resnet34(**kwargs) -> ResNet:
+def resnet34(num_classes: int = 1000, shortcut: str = "B", init_weights: bool = True, zero_init_last: bool = False) -> ResNet:
     """ResNet-34: BasicBlock x [3, 4, 6, 3]."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], **kwargs)
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, shortcut=shortcut, init_weights=init_weights, zero_init_last=zero_init_last)
 
 
 @register_model
-def resnet50(**kwargs) -> ResNet:
+def resnet50(num_classes: int = 1000, shortcut: str = "B", init_weights: bool = True, zero_init_last: bool = False) -> ResNet:
     """ResNet-50: Bottleneck x [3, 4, 6, 3]."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, shortcut=shortcut, init_weights=init_weights, zero_init_last=zero_init_last)
 
 
 @register_model
-def resnet101(**kwargs) -> ResNet:
+def resnet101(num_classes: int = 1000, shortcut: str = "B", init_weights: bool = True, zero_init_last: bool = False) -> ResNet:
     """ResNet-101: Bottleneck x [3, 4, 23, 3]."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], **kwargs)
+    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes, shortcut=shortcut, init_weights=init_weights, zero_init_last=zero_init_last)
 
 
 @register_model
-def resnet152(**kwargs) -> ResNet:
+def resnet152(num_classes: int = 1000, shortcut: str = "B", init_weights: bool = True, zero_init_last: bool = False) -> ResNet:
     """ResNet-152: Bottleneck x [3, 8, 36, 3]."""
-    return ResNet(Bottleneck, [3, 8, 36, 3], **kwargs)
+    return ResNet(Bottleneck, (3, 8, 36, 3), num_classes, shortcut=shortcut, init_weights=init_weights, zero_init_last=zero_init_last)

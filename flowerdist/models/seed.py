@@ -77,6 +77,6 @@ class SeedResNet(ClassifierMixin, nn.Module):
 
 
 @register_model
-def seed_resnet(**kwargs) -> SeedResNet:
+def seed_resnet(num_classes: int = 5, image_size: int = 224, init_weights: bool = True) -> SeedResNet:
     """The tutorial's network: the baseline every other model is compared with."""
-    return SeedResNet(**kwargs)
+    return SeedResNet(num_classes, image_size=image_size, init_weights=init_weights)

@@ -1,0 +1,124 @@
+"""`flowerdist sweep FILE`: every cell of a grid of configs, each an ordinary run directory.
+
+A sweep file names a base config, overrides for every cell, the grid, and where the cells go:
+
+    config: configs/flowers/resnet18_cpu.yaml
+    overrides: [train.epochs=30]
+    grid:
+      model.name: [resnet18, resnet34, resnet50]
+      train.seed: [0, 1, 2]
+    output_dir: runs/experiments/depth
+    variants:                    # optional: `--variant cpu` adds these overrides
+      cpu: [data.image_size=96, train.epochs=12]
+
+Cell `name=resnet34,seed=1` trains in `<output_dir>/name=resnet34,seed=1` with `train.resume=auto`.
+A finished cell (it has `result.json`) is skipped and a half-finished one resumes, so an
+interrupted sweep, rerun, continues where it stopped. Here the cells run one after another in
+this process; `--slurm` submits one Slurm job array, a task per cell, through slurm/launch.sh.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowerdist.config import load_config
+from flowerdist.errors import FlowerdistError
+
+RESULT = "result.json"  # written by flowerdist.train when a run ends normally
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / RESULT).is_file()
+
+    def args(self) -> list[str]:
+        """What `flowerdist train -c` takes for this cell."""
+        return [self.config, *self.overrides]
+
+
+def _value_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def load_sweep(path: str | Path, variant: str | None = None) -> list[Cell]:
+    """The cells of sweep file `path`, each config validated before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlowerdistError(f"sweep file {path} not found; see configs/experiments/ for examples")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"config", "overrides", "grid", "output_dir", "variants"}
+    if not isinstance(spec, dict) or unknown or "grid" not in spec or "config" not in spec:
+        raise FlowerdistError(f"sweep file {path} needs `config:` and `grid:` (optional: overrides, output_dir, variants); got {sorted(spec)}")
+    grid: dict[str, list] = spec["grid"]
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise FlowerdistError(f"`grid:` in {path} must map config keys to non-empty lists of values")
+    variants = spec.get("variants") or {}
+    if variant is not None and variant not in variants:
+        raise FlowerdistError(f"sweep file {path} has no variant '{variant}'; choose one of {sorted(variants) or 'none (drop --variant)'}")
+    base = [*map(str, spec.get("overrides") or []), *map(str, variants.get(variant) or [])]
+    out = Path(spec.get("output_dir") or f"runs/sweeps/{path.stem}") / (variant or "")
+    cells = []
+    for values in itertools.product(*grid.values()):
+        pairs = [(key, _value_text(v)) for key, v in zip(grid, values)]
+        name = ",".join(f"{key.rsplit('.', 1)[-1]}={text}" for key, text in pairs).replace("/", "_")
+        overrides = (*base, *(f"{key}={text}" for key, text in pairs))
+        run_dir = out / name
+        load_config(spec["config"], [*overrides, f"train.output_dir={run_dir}", "train.resume=auto"])  # fail before any cell runs
+        cells.append(Cell(name, str(spec["config"]), (*overrides, f"train.output_dir={run_dir}", "train.resume=auto"), run_dir))
+    return cells
+
+
+def run_sweep(path: str, variant: str | None = None, *, dry_run: bool = False, slurm: bool = False, cell: int | None = None) -> list[Cell]:
+    cells = load_sweep(path, variant)
+    if cell is not None:
+        if not 0 <= cell < len(cells):
+            raise FlowerdistError(f"--cell {cell} is out of range: {path} has cells 0-{len(cells) - 1}")
+        print(" ".join(cells[cell].args()))  # what slurm/launch.sh trains for array task `cell`
+        return cells
+    for i, c in enumerate(cells):
+        state = "done" if c.done else ("partial" if (c.run_dir / "checkpoints").is_dir() else "to run")
+        print(f"sweep: cell {i} {c.name}: {state} ({c.run_dir})", flush=True)
+    if dry_run:
+        return cells
+    if slurm:
+        return submit_array(path, variant, cells)
+    from flowerdist.train import train
+
+    for i, c in enumerate(cells):
+        if c.done:
+            continue
+        print(f"sweep: training cell {i} {c.name}", flush=True)
+        train(load_config(c.config, list(c.overrides)))
+    print(f"sweep: all {len(cells)} cells done; compare them with `flowerdist report {cells[0].run_dir.parent}/*`", flush=True)
+    return cells
+
+
+def submit_array(path: str, variant: str | None, cells: list[Cell]) -> list[Cell]:
+    """One Slurm job array, task i = cell i; slurm/launch.sh turns the task id into the cell's config."""
+    todo = [str(i) for i, c in enumerate(cells) if not c.done]
+    if not todo:
+        print("sweep: nothing to submit, every cell is done", flush=True)
+        return cells
+    Path("logs").mkdir(exist_ok=True)
+    sweep = ["--sweep", str(path)] + (["--variant", variant] if variant else [])
+    cmd = ["sbatch", "--parsable", f"--array={','.join(todo)}", "--output=logs/%x-%A_%a.out", "slurm/single_node.sbatch", *sweep]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise FlowerdistError(f"sbatch failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}); submit from the repo root on a Slurm login node")
+    print(f"sweep: submitted job array {done.stdout.strip()} ({len(todo)} cells)", flush=True)
+    print(json.dumps({"job": done.stdout.strip(), "cells": todo}), flush=True)
+    return cells
