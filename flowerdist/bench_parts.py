@@ -104,12 +104,12 @@ def train_loader(spec: dict, device: torch.device, workers: int):
     from flowerdist.data.dataset import FlowerDataset
     from flowerdist.data.folder import scan_folder
     from flowerdist.data.loader import make_loader
-    from flowerdist.data.transforms import eval_resize, train_transform
+    from flowerdist.data.transforms import train_transform
 
     index = scan_folder(spec["data"])
     cache = None
-    if spec["cache"]:
-        cache = open_cache(index, eval_resize(spec["image_size"]), cache_root(spec["data"], ""), build=True, workers=workers)
+    if spec["cache"] is True or (spec["cache"] == "auto" and spec["device"] == "cpu"):  # auto: flowerdist's default
+        cache = open_cache(index, None, cache_root(spec["data"], ""), build=True, workers=workers)
     dataset = FlowerDataset(index, train_transform(spec["image_size"]), seed=0, cache=cache)
     return make_loader(dataset, None, spec["batch"], workers, device, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
 
@@ -125,7 +125,7 @@ def part_plain(spec: dict, device: torch.device) -> dict:
 
     model, optimizer, criterion, scaler, memory_format = build(spec, device)
     step = train_step(model, optimizer, criterion, scaler, device, spec["precision"])
-    batches = endless(train_loader(spec, device, spec["workers"]))
+    batches = endless(train_loader({**spec, "cache": spec["cache"] is True}, device, spec["plain_workers"]))  # a plain loop reads the folder
     waited = [0.0]
 
     def loop_step() -> None:

@@ -62,12 +62,16 @@ class DataConfig:
     """Images per device per micro-step; global batch = batch_size x processes x grad_accum_steps."""
     val_fraction: float = 0.2
     """Fraction of every class held out for validation (stratified, seeded by train.seed)."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank (0 loads in the training process)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes per rank (0 loads in the training process). auto: 0 on the CPU, where
+    workers would compete with the model for the same cores; min(8, CPUs per process) on a GPU."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead (with num_workers > 0)."""
-    cache: bool = False
-    """Fast data path: decode every image once into a memory-mapped uint8 cache shared by the ranks of a node."""
+    cache: bool | Literal["auto"] = "auto"
+    """Fast data path: decode every image once into a memory-mapped uint8 cache shared by the ranks of a node.
+    auto: on for CPU training (falls back to the folder, with a note, if the cache cannot be written), off on a GPU."""
+    cache_size: int = 0
+    """Short side in pixels of the cached images; 0 keeps the original sizes (the cache then never changes pixels)."""
     cache_dir: str = ""
     """Where the decoded-image cache lives ("": `<data.root>/.flowerdist-cache`)."""
     min_scale: float = 0.35
@@ -328,7 +332,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     need(cfg.data.image_size >= 16, "data.image_size", "must be at least 16 pixels")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must lie strictly between 0 and 1")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    need(cfg.data.num_workers == "auto" or cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more, or auto")
+    need(cfg.data.cache_size == 0 or cfg.data.cache_size >= 16, "data.cache_size", "must be 0 (original sizes) or at least 16 pixels")
     need(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
     need(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", "must lie in (0, 1]")
     need(0.0 <= cfg.augment.color_jitter <= 1.0, "augment.color_jitter", "must lie in [0, 1]")

@@ -77,9 +77,13 @@ def say(accelerator: Accelerator, message: str) -> None:
         print(message, flush=True)
 
 
+def local_processes(accelerator: Accelerator) -> int:
+    """Processes on this node (torchrun/accelerate set LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+
+
 def num_machines(accelerator: Accelerator) -> int:
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    return max(1, accelerator.num_processes // max(1, local))
+    return max(1, accelerator.num_processes // local_processes(accelerator))
 
 
 def describe_world(accelerator: Accelerator) -> str:

@@ -53,7 +53,7 @@ class GlobalBatchMix:
         prev_images, prev_labels = self.previous_sample(images, labels)
         x, y = torch.cat([prev_images, images]), torch.cat([prev_labels, labels])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, step, self.micro))
+            torch.default_generator.manual_seed(sample_seed(self.seed, step, self.micro))
             if torch.rand(()).item() < self.prob:
                 x, y = self.op(x, y)
             else:

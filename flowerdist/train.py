@@ -36,12 +36,12 @@ from flowerdist.data.cache import cache_root, open_cache
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.dataset import FlowerDataset
 from flowerdist.data.folder import ImageFolderIndex, load_split, save_split, scan_folder, stratified_split
-from flowerdist.data.loader import make_loader
+from flowerdist.data.loader import make_loader, resolve_workers
 from flowerdist.data.sampler import ShardedSampler, eval_shard
-from flowerdist.data.transforms import eval_resize, eval_transform, to_model_input, train_transform
+from flowerdist.data.transforms import eval_transform, to_model_input, train_transform
 from flowerdist.ema import build_ema
 from flowerdist.mix import build_mix
-from flowerdist.distributed import build_accelerator, check_world, end_accelerator, convert_sync_batchnorm, describe_world, num_machines, say
+from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_world, end_accelerator, local_processes, num_machines, say
 from flowerdist.errors import FlowerdistError, Preempted
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
@@ -291,7 +291,8 @@ def build_data(cfg: Config, accelerator: Accelerator, run_dir: Path) -> Data:
     cache = open_decoded_cache(cfg, index, accelerator)
     train_set = FlowerDataset(index, train_transform(cfg.data.image_size, cfg.data.min_scale, cfg.augment), cfg.train.seed, cache=cache)
     val_set = FlowerDataset(index, eval_transform(cfg.data.image_size), cache=cache)
-    loader = dict(batch_size=cfg.data.batch_size, workers=cfg.data.num_workers, device=accelerator.device, prefetch_factor=cfg.data.prefetch_factor)
+    workers = resolve_workers(cfg.data.num_workers, accelerator.device, local_processes(accelerator))
+    loader = dict(batch_size=cfg.data.batch_size, workers=workers, device=accelerator.device, prefetch_factor=cfg.data.prefetch_factor)
     return Data(index, train_idx, val_idx, sampler, make_loader(train_set, sampler, **loader),
                 make_loader(val_set, eval_shard(val_idx, rank, world), **loader))
 
@@ -324,14 +325,24 @@ def checked_index(root: str, accelerator: Accelerator) -> ImageFolderIndex:
 
 
 def open_decoded_cache(cfg: Config, index: ImageFolderIndex, accelerator: Accelerator):
-    """`data.cache=true`: the local main process of each node builds the cache once, the other ranks then map it."""
-    if not cfg.data.cache:
+    """`data.cache`: the local main process of each node builds the cache once, the other ranks then map it.
+
+    `auto` turns it on for CPU training; if it cannot be written there, training reads the folder instead.
+    """
+    wanted = cfg.data.cache if cfg.data.cache != "auto" else accelerator.device.type == "cpu"
+    if not wanted:
         return None
-    with accelerator.local_main_process_first():
-        return open_cache(
-            index, eval_resize(cfg.data.image_size), cache_root(cfg.data.root, cfg.data.cache_dir),
-            build=accelerator.is_local_main_process, workers=cfg.data.num_workers, log=lambda m: say(accelerator, m),
-        )
+    try:
+        with accelerator.local_main_process_first():
+            return open_cache(
+                index, cfg.data.cache_size or None, cache_root(cfg.data.root, cfg.data.cache_dir),
+                build=accelerator.is_local_main_process, workers=0, log=lambda m: say(accelerator, m),
+            )
+    except FlowerdistError as err:
+        if cfg.data.cache != "auto":
+            raise
+        say(accelerator, f"flowerdist: note: reading images from the folder, no decoded cache ({err})")
+        return None
 
 
 def write_run_files(cfg: Config, accelerator: Accelerator, run_dir: Path, data: Data) -> None:

@@ -156,3 +156,28 @@ def test_kill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tiny_data, t
     out = run_cli("train", *args(tiny_data, run, "train.epochs=1", "train.max_steps=9", "train.resume=auto")).stdout
     assert f"resuming from {before}" in out
     assert not list(root.glob(".tmp-*"))  # the resumed run cleared what the killed writers left
+
+
+def test_every_ingredient_and_the_ema_resume_bit_identical(tiny_data, tmp_path):
+    """Augmentation, MixUp/CutMix and the EMA across a SIGKILL: the resumed run ends where the uninterrupted one does."""
+    ingredients = (
+        "augment.color_jitter=0.3", "augment.auto_augment=randaugment", "augment.random_erasing=0.5",
+        "augment.mixup_alpha=0.4", "augment.cutmix_alpha=1.0", "augment.mix_prob=0.9", "train.ema_decay=0.99",
+        "train.best_of=ema", "data.batch_size=8",
+    )
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    launch(1, *args(tiny_data, ref, *ingredients))
+    proc = start(1, args(tiny_data, cut, *ingredients))
+    kill_after_a_checkpoint(proc, cut, random.Random(5))
+    launch(1, *args(tiny_data, cut, *ingredients, "train.resume=auto"))
+    for name in ("last", "best"):
+        a = load_file(ref / "checkpoints" / name / "model.safetensors")
+        b = load_file(cut / "checkpoints" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    ema = [torch.load(r / "checkpoints" / "last" / "train_state.pt", weights_only=True)["ema"] for r in (ref, cut)]
+    assert ema[0] and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    # best follows the EMA: its weights are the EMA's at the best epoch, not the raw model's
+    metrics = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    best = max((m for m in metrics if "val_ema/accuracy" in m), key=lambda m: m["val_ema/accuracy"])
+    meta = json.loads((ref / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["step"] == best["step"] and meta["val_accuracy"] == best["val_ema/accuracy"]

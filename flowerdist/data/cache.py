@@ -1,22 +1,24 @@
-"""The decoded-image cache: the fast data path, chosen by `data.cache=true`.
+"""The decoded-image cache: the fast data path (`data.cache`, on by default for CPU training).
 
-On a GPU a ResNet-50 with AMP consumes thousands of images per second and JPEG decoding on the
-CPU becomes the bottleneck. With the cache every usable image is decoded once, resized so its
-short side is `eval_resize(image_size)` (the size evaluation resizes to anyway) and stored as
-uint8 CHW in one flat file. Every rank memory-maps that file: the page cache holds one copy per
-node, shared by all ranks and DataLoader workers, and a sample costs a memory copy plus a crop
-of a small image instead of a JPEG decode. Each rank reads only the items its sampler yields,
-so the per-rank sharding is unchanged.
+Every usable image is decoded once and stored as uint8 CHW in one flat file that every rank
+memory-maps: the page cache holds one copy per node, shared by all ranks and DataLoader workers,
+and a sample costs a memory copy plus its crop instead of a JPEG decode. Each rank reads only
+the items its sampler yields, so the per-rank sharding is unchanged.
 
-The same samples as the folder path: item i is `index.files[i]` with `index.labels[i]`.
-Evaluation crops are bit-identical (resizing an image to the size it already has is a no-op);
-training crops follow the same seeded recipe on the pre-resized image, and are bit-identical
-when the originals are no larger than the cache's short side.
+By default (`data.cache_size=0`) the images are stored at their original size: the cache then
+changes speed, never pixels, and training from it is bit-identical to reading the folder. With
+`data.cache_size=N` they are stored with short side N (smaller file, for large photos):
+evaluation crops at `eval_resize(image_size) <= N` stay bit-identical, training crops follow the
+same seeded recipe on the smaller image (the same regions, resampled from fewer pixels).
+
+Why it matters: on the CPU, decoding takes a third of the per-image data cost and DataLoader
+worker processes compete with the model for the same cores, so the default CPU path reads the
+cache in the training process; on a GPU, decoding becomes the bottleneck of a fast model.
 
 The cache lives in `data.cache_dir` (default `<data.root>/.flowerdist-cache`) under a key of the
-file list (path, size, mtime, label) and the short side: a changed folder or image size builds
-a new cache instead of reading a stale one. Building is atomic (a temporary folder renamed when
-complete), so a killed build never leaves a cache that looks valid.
+file list (path, size, mtime, label) and the short side: a changed folder or size builds a new
+cache instead of reading a stale one. Building is atomic, so a killed build never leaves a cache
+that looks valid.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def cache_root(data_root: str, cache_dir: str) -> Path:
     return Path(cache_dir) if cache_dir else Path(data_root) / ".flowerdist-cache"
 
 
-def cache_key(index: ImageFolderIndex, short_side: int) -> str:
+def cache_key(index: ImageFolderIndex, short_side: int | None) -> str:
     """Digest of what the cache's bytes depend on: every file's path, size, mtime and label, and the short side."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, list(index.classes)]).encode())
     for rel, label in zip(index.files, index.labels):
@@ -81,11 +83,11 @@ class DecodedCache:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decode + resize, run in DataLoader workers while the cache is built."""
+    """Decode (+ resize, when a short side is given), run in DataLoader workers while the cache is built."""
 
-    def __init__(self, index: ImageFolderIndex, short_side: int):
+    def __init__(self, index: ImageFolderIndex, short_side: int | None):
         self.index = index
-        self.resize = v2.Resize(short_side, antialias=True)
+        self.resize = v2.Resize(short_side, antialias=True) if short_side else torch.nn.Identity()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -94,17 +96,18 @@ class _Decode(torch.utils.data.Dataset):
         return self.resize(v2.functional.pil_to_tensor(load_rgb(self.index.root / self.index.files[i]))).contiguous()
 
 
-def _estimated_bytes(index: ImageFolderIndex, short_side: int) -> int:
+def _estimated_bytes(index: ImageFolderIndex, short_side: int | None) -> int:
     """From the image headers (no decoding): what the cache file will take, within rounding."""
     total = 0
     for rel in index.files:
         with Image.open(index.root / rel) as img:
             w, h = img.size
-        total += 3 * short_side * max(1, round(short_side * max(w, h) / max(1, min(w, h))))
+        side = short_side or min(w, h)
+        total += 3 * side * max(1, round(side * max(w, h) / max(1, min(w, h))))
     return total
 
 
-def build_cache(index: ImageFolderIndex, short_side: int, folder: Path, workers: int = 0, log=print) -> None:
+def build_cache(index: ImageFolderIndex, short_side: int | None, folder: Path, workers: int = 0, log=print) -> None:
     """Decode every image of `index` into `folder` (atomically: nothing is left behind if it fails)."""
     parent = folder.parent
     try:
@@ -120,7 +123,8 @@ def build_cache(index: ImageFolderIndex, short_side: int, folder: Path, workers:
             f"the image cache needs about {need / 2**30:.1f} GiB but {parent} has {free / 2**30:.1f} GiB free; "
             "set data.cache_dir=DIR elsewhere or data.cache=false"
         )
-    log(f"flowerdist: caching {len(index)} decoded images (short side {short_side}, about {need / 2**20:.0f} MiB) in {folder} (once)")
+    size = f"short side {short_side}" if short_side else "original sizes"
+    log(f"flowerdist: caching {len(index)} decoded images ({size}, about {need / 2**20:.0f} MiB) in {folder} (once)")
     start = time.perf_counter()
     loader = make_loader(_Decode(index, short_side), None, None, workers, torch.device("cpu"))
     offsets, shapes, offset = [], [], 0
@@ -138,8 +142,8 @@ def build_cache(index: ImageFolderIndex, short_side: int, folder: Path, workers:
     log(f"flowerdist: cached {len(index)} images, {offset / 2**20:.0f} MiB, in {time.perf_counter() - start:.1f} s")
 
 
-def open_cache(index: ImageFolderIndex, short_side: int, root: Path, *, build: bool, workers: int = 0, log=print) -> DecodedCache:
-    """The cache for exactly this index and short side, built first if missing and `build` is set."""
+def open_cache(index: ImageFolderIndex, short_side: int | None, root: Path, *, build: bool, workers: int = 0, log=print) -> DecodedCache:
+    """The cache for exactly this index and short side (None: original sizes), built first if missing and `build` is set."""
     folder = root / cache_key(index, short_side)
     if not (folder / "index.json").is_file():
         if not build:

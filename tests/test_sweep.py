@@ -1,0 +1,86 @@
+"""`flowerdist sweep`: every cell a run directory; finished cells are skipped and a killed sweep resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY, run_cli
+from flowerdist.errors import FlowerdistError
+from flowerdist.sweep import load_sweep
+
+
+def sweep_file(tmp_path, data, **extra):
+    spec = {
+        "config": "configs/quickstart.yaml",
+        "overrides": [f"data.root={data}", *TINY, "train.epochs=2", "train.checkpoint_every=5", "train.log_every=1"],
+        "grid": {"train.seed": [0, 1], "optim.lr": [0.002]},
+        "output_dir": str(tmp_path / "sweep"),
+        "variants": {"short": ["train.epochs=1"]},
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_cells_are_the_grid_product_with_their_own_run_directories(tiny_data, tmp_path):
+    path = sweep_file(tmp_path, tiny_data)
+    cells = load_sweep(path)
+    assert [c.name for c in cells] == ["seed=0,lr=0.002", "seed=1,lr=0.002"]
+    assert cells[1].run_dir == tmp_path / "sweep" / "seed=1,lr=0.002"
+    assert "train.seed=1" in cells[1].overrides and "train.resume=auto" in cells[1].overrides
+    short = load_sweep(path, "short")
+    assert short[0].run_dir == tmp_path / "sweep" / "short" / "seed=0,lr=0.002" and "train.epochs=1" in short[0].overrides
+    out = run_cli("sweep", str(path), "--dry-run").stdout
+    assert "cell 0 seed=0,lr=0.002: to run" in out and "cell 1 seed=1,lr=0.002: to run" in out
+    assert run_cli("sweep", str(path), "--cell", "1").stdout.split() == ["configs/quickstart.yaml", *cells[1].overrides]
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"grid": {"train.seed": []}}, "non-empty lists"),
+        ({"grid": {"optim.lrr": [1]}}, "unknown config key 'optim.lrr'"),
+        ({"colour": 1}, "needs `config:` and `grid:`"),
+    ],
+)
+def test_bad_sweep_files_fail_in_one_line_before_any_cell_runs(tiny_data, tmp_path, change, needle):
+    proc = run_cli("sweep", str(sweep_file(tmp_path, tiny_data, **change)), check=False)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_unknown_variant_names_the_choices(tiny_data, tmp_path):
+    with pytest.raises(FlowerdistError, match=r"no variant 'cpu'; choose one of \['short'\]"):
+        load_sweep(sweep_file(tmp_path, tiny_data), "cpu")
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_skips_finished_cells_and_resumes_the_partial_one(tiny_data, tmp_path):
+    path = sweep_file(tmp_path, tiny_data)
+    first, second = (c.run_dir for c in load_sweep(path))
+    proc = subprocess.Popen([sys.executable, "-m", "flowerdist", "sweep", str(path)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((second / "checkpoints").glob("step-*")):
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (first / "result.json").is_file() and not (second / "result.json").exists()
+    finished = (first / "result.json").stat().st_mtime_ns
+    out = run_cli("sweep", str(path)).stdout
+    assert "cell 0 seed=0,lr=0.002: done" in out and "cell 1 seed=1,lr=0.002: partial" in out
+    assert "training cell 0" not in out and "training cell 1" in out and "resuming from" in out
+    assert (first / "result.json").stat().st_mtime_ns == finished  # the finished cell was not touched
+    result = json.loads((second / "result.json").read_text())
+    steps = [json.loads(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert steps == list(range(1, result["global_step"] + 1))  # resumed: no step lost or repeated
