@@ -130,10 +130,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
+    """meta.json, its types checked: 'classes' a list of at least two names, 'config' a mapping."""
     try:
-        return json.loads((ckpt / META).read_text())
+        meta = json.loads((ckpt / META).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise FlowerdistError(f"checkpoint metadata {ckpt / META} is unreadable ({err}); the checkpoint is corrupt") from None
+    classes = meta.get("classes") if isinstance(meta, dict) else None
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes) and isinstance(meta.get("config"), dict)):
+        raise FlowerdistError(
+            f"checkpoint metadata {ckpt / META} needs 'classes' (a list of at least two names) and 'config' (a mapping); "
+            f"the checkpoint is corrupt"
+        )
+    return meta
 
 
 def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -141,14 +149,6 @@ def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         return load_file(str(ckpt / WEIGHTS))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise FlowerdistError(f"checkpoint weights {ckpt / WEIGHTS} are unreadable ({err}); the file is corrupt") from None
-
-
-def load_train_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Optimizer/scheduler/counters and this rank's RNG, loaded without unpickling code."""
-    state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
-    rng_file = ckpt / f"rng-rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
-    return state, rng
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -212,6 +212,7 @@ class Checkpointer:
         meta: dict[str, Any],
         states: dict[str, Stateful],
         local: dict[str, Stateful],
+        layout: dict[str, int] | None = None,
     ):
         self.root = run_dir / "checkpoints"
         self.accelerator = accelerator
@@ -222,6 +223,7 @@ class Checkpointer:
         self.meta = meta
         self.states = {"optimizer": optimizer, **states}
         self.local = local
+        self.layout = layout or {}
 
     def should_save(self, step: int) -> bool:
         """Mid-epoch checkpoints every `train.checkpoint_every` optimizer steps (epoch ends always save)."""
@@ -231,17 +233,20 @@ class Checkpointer:
         """Checkpoint `step-<step>`, and `best-step-<step>` with the weights of `best_model` (default: the model)
         when `best`; refuses non-finite weights or optimizer state."""
         accelerator = self.accelerator
+        model = accelerator.unwrap_model(self.model)
+        # every rank checks its own (replicated) weights, so every rank stops together
+        if not (_all_finite(model.parameters()) and _all_finite(_optimizer_tensors(self.optimizer))):
+            raise FlowerdistError(
+                f"training diverged: the weights became non-finite by step {step}; lower optim.lr or set "
+                f"optim.clip_grad_norm (the last good checkpoint is kept in {self.root})"
+            )
         mine = [{"rng": rng_state(), **{name: obj.state_dict() for name, obj in self.local.items()}}]
         per_rank = gather_object(mine) if accelerator.num_processes > 1 else mine
         if accelerator.is_main_process:
-            weights = unwrapped_state_dict(accelerator.unwrap_model(self.model))
-            if not (_all_finite(weights.values()) and _all_finite(_optimizer_tensors(self.optimizer))):
-                raise FlowerdistError(
-                    f"training diverged: the weights became non-finite by step {step}; lower optim.lr or set "
-                    f"optim.clip_grad_norm (the last good checkpoint is kept in {self.root})"
-                )
+            weights = unwrapped_state_dict(model)
             meta = {**self.meta, "epoch": epoch, "step": step, "val_accuracy": accuracy}
             train_state = {name: obj.state_dict() for name, obj in self.states.items()}
+            train_state["layout"] = self.layout  # the position is global samples (TrainState): any layout can resume it
             train_state["ranks"] = [{k: v for k, v in r.items() if k != "rng"} for r in per_rank]
             rngs = {rank: r["rng"] for rank, r in enumerate(per_rank)}
             write_checkpoint(self.root, f"step-{step:08d}", weights, meta, train_state, rngs, link="last")
@@ -251,25 +256,33 @@ class Checkpointer:
                 write_checkpoint(self.root, f"best-step-{step:08d}", best_weights, meta, link="best")
         accelerator.wait_for_everyone()
 
-    def resume(self, setting: str) -> Path | None:
-        """Restore from `train.resume` (see `find_resume_checkpoint`); returns the checkpoint used, or None.
-
-        Half-written checkpoints that a kill left behind (`.tmp-*`) are removed first.
-        """
+    def clear_partial(self) -> None:
+        """Remove half-written checkpoints (`.tmp-*`) that a kill left behind (main process; the directory is this run's)."""
         if self.accelerator.is_main_process:
             for partial in self.root.glob(".tmp-*"):
                 shutil.rmtree(partial, ignore_errors=True)
-        ckpt = find_resume_checkpoint(setting, self.root.parent)
-        if ckpt is None:
-            return None
-        rank = self.accelerator.process_index
-        train_state, rng = load_train_state(ckpt, rank)
-        self.accelerator.unwrap_model(self.model).load_state_dict(read_weights(ckpt))
+
+    def restore(self, resume, seed: int) -> None:
+        """Load a `flowerdist.runs.Resume` into the model and the state objects, on any number of processes.
+
+        Replicated states load as saved. Each rank's local state loads as saved on the same layout;
+        on another one rank 0 takes the sum of all ranks' and the others start from zero (`fold`).
+        RNG: the same layout restores each rank's streams; another one reseeds them from
+        (seed, step, rank), since there is no old rank to take them from.
+        """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        self.clear_partial()
+        self.accelerator.unwrap_model(self.model).load_state_dict(read_weights(resume.checkpoint))
         for name, obj in self.states.items():
-            obj.load_state_dict(train_state[name])
-        ranks = train_state["ranks"]
+            obj.load_state_dict(resume.train_state[name])
+        ranks = resume.train_state["ranks"]
         for name, obj in self.local.items():
-            obj.load_state_dict(ranks[rank if rank < len(ranks) else 0][name])
-        if rng is not None:
-            set_rng_state(rng)
-        return ckpt
+            saved = [r[name] for r in ranks]
+            obj.load_state_dict(saved[rank] if len(ranks) == world else obj.fold(saved if rank == 0 else []))
+        if len(ranks) == world and resume.rng is not None:
+            set_rng_state(resume.rng)
+        else:
+            step = resume.train_state["state"]["global_step"]
+            random.seed(f"{seed}-{step}-{rank}")
+            np.random.seed([seed, step, rank])
+            torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)

@@ -35,16 +35,24 @@ def _eval(args) -> None:
         print(f"{name:>{width}}  " + " ".join(f"{n:>6}" for n in row) + f"  {acc:.4f}")
 
 
-def _predict(args) -> None:
+def _predict(args) -> int:
+    from flowerdist.data.images import shown
     from flowerdist.inference import run_predict
 
     results = run_predict(args.checkpoint, args.images, topk=args.topk)
     if args.json:
         print(json.dumps(results, indent=1))
-        return
     for r in results:
-        preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-        print(f"{r['image']}: {preds}")
+        if "skipped" in r:
+            print(f"flowerdist: skipped {shown(r['image'])}: {r['skipped']}", file=sys.stderr)
+        elif not args.json:
+            preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+            print(f"{r['image']}: {preds}")
+    skipped = sum("skipped" in r for r in results)
+    if skipped:  # every good image was predicted; the status says that not all were
+        print(f"flowerdist: {skipped} of {len(results)} images skipped", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _synth(args) -> None:
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args) or 0
     except Preempted:
         return EXIT_PREEMPTED
     except FlowerdistError as err:
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flowerdist: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

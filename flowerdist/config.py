@@ -58,6 +58,9 @@ class DataConfig:
     """Side in pixels of the generated images."""
     image_size: int = 224
     """Network input side in pixels (train crop and validation centre crop)."""
+    eval_image_size: int = 0
+    """Input side for validation, eval and predict (0: data.image_size). Above the training side pays with
+    random-crop training, which shows objects larger than a centre crop does (Touvron et al., FixRes)."""
     batch_size: int = 32
     """Images per device per micro-step; global batch = batch_size x processes x grad_accum_steps."""
     val_fraction: float = 0.2
@@ -127,7 +130,8 @@ class TrainConfig:
     epochs: int = 10
     """Passes over the training split."""
     max_steps: int = 0
-    """Stop after this many optimizer steps (0: run all epochs). The schedule still spans `epochs`."""
+    """Stop after this many optimizer steps (0: run all epochs); warm-up and cosine then end at max_steps, so a short
+    run still decays its learning rate."""
     grad_accum_steps: int = 1
     """Micro-steps accumulated per optimizer step."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -158,6 +162,11 @@ class TrainConfig:
     """Training checkpoints kept (older ones are deleted; `best` is kept apart)."""
     resume: str = ""
     """"auto": continue the newest complete checkpoint in train.output_dir (if any); or a checkpoint path."""
+    overwrite: bool = False
+    """Start a fresh run in a train.output_dir that holds one: the old run is moved aside (DIR.replaced-<time>), never deleted."""
+    resume_override: bool = False
+    """Allow a resume to change what shapes the optimisation (optim.*, augment.*, batch, accumulation, precision,
+    EMA); the change is recorded in config.yaml and metrics.jsonl at the step it takes effect."""
     dist_timeout_s: int = 600
     """Seconds a collective may wait for a missing rank before the run fails (not the default 30 min)."""
     record_samples: bool = False
@@ -187,6 +196,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def eval_image_size(self) -> int:
+        """The side validation, eval and predict use."""
+        return self.data.eval_image_size or self.data.image_size
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, e.g. {"optim.lr": 0.001}: what W&B's config gets."""
@@ -329,8 +343,12 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise FlowerdistError(f"config key '{key}' {what} (got {_get(cfg, key)!r})")
 
+    need(cfg.data.root.strip() != "", "data.root", "is empty; set data.root=PATH to a ROOT/<class>/<image> folder")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     need(cfg.data.image_size >= 16, "data.image_size", "must be at least 16 pixels")
+    need(cfg.data.eval_image_size == 0 or cfg.data.eval_image_size >= 16, "data.eval_image_size", "must be 0 (data.image_size) or at least 16 pixels")
+    if cfg.model.name == "seed_resnet" and cfg.data.eval_image_size not in (0, cfg.data.image_size):
+        raise FlowerdistError("data.eval_image_size must equal data.image_size for seed_resnet (its linear layer fixes the input size); set data.eval_image_size=0")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must lie strictly between 0 and 1")
     need(cfg.data.num_workers == "auto" or cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more, or auto")
     need(cfg.data.cache_size == 0 or cfg.data.cache_size >= 16, "data.cache_size", "must be 0 (original sizes) or at least 16 pixels")
@@ -345,7 +363,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.synthetic_per_class >= 2, "data.synthetic_per_class", "must be at least 2")
     need(cfg.data.synthetic_size >= 16, "data.synthetic_size", "must be at least 16 pixels")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be 0 or more")
+    need(cfg.optim.lr <= 10, "optim.lr", "must be at most 10 (a step that large diverges at once)")
+    need(0 <= cfg.optim.weight_decay <= 10, "optim.weight_decay", "must lie in [0, 10]")
     need(cfg.optim.reference_batch >= 1, "optim.reference_batch", "must be at least 1")
     need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be 0 or more")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
@@ -378,5 +397,15 @@ def _get(cfg: Config, key: str) -> Any:
     return target
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config, path: Path, changes: dict[str, list] | None = None, step: int = 0) -> None:
+    """The resolved config; `changes` made on a resume (key -> [old, new]) are appended under `resumed_changes`,
+    so config.yaml says what each part of the run trained with."""
+    data = cfg.to_dict()
+    history = []
+    if path.is_file():
+        history = (yaml.safe_load(path.read_text()) or {}).get("resumed_changes", [])
+    if changes:
+        history = [*history, {"step": step, "changes": {k: {"was": old, "now": new} for k, (old, new) in changes.items()}}]
+    if history:
+        data["resumed_changes"] = history
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

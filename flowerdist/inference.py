@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from flowerdist.config import Config, apply_overrides, config_from_dict
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.dataset import FlowerDataset
 from flowerdist.data.folder import load_split, scan_folder
-from flowerdist.data.images import IMAGE_EXTENSIONS, load_rgb
+from flowerdist.data.images import IMAGE_EXTENSIONS, check_image, load_rgb
 from flowerdist.data.loader import make_loader, resolve_workers
 from flowerdist.data.transforms import eval_transform, to_model_input
 from flowerdist.errors import FlowerdistError
@@ -25,11 +26,8 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, tuple[s
     """The checkpoint's model in eval mode, its config, its classes and its directory."""
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
-    try:
-        cfg = config_from_dict(meta["config"], where=str(ckpt / "meta.json"))
-        classes = tuple(meta["classes"])
-    except (KeyError, TypeError):
-        raise FlowerdistError(f"checkpoint metadata {ckpt / 'meta.json'} lacks 'config' or 'classes'; the checkpoint is corrupt") from None
+    cfg = config_from_dict(meta["config"], where=str(ckpt / "meta.json"))
+    classes = tuple(meta["classes"])
     model = create_model(
         cfg.model.name,
         num_classes=len(classes),
@@ -59,16 +57,26 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     if other_root:
         indices, scope = list(range(len(index))), f"all of {index.root}"
     else:
-        split_file = ckpt.parent.parent / "split.json"
-        if not split_file.is_file():
-            raise FlowerdistError(f"{split_file} is missing, so the run's validation split is unknown; pass data.root=FOLDER to evaluate a folder")
-        _, indices = load_split(split_file, index)
+        _, indices = load_split(run_split(ckpt, cfg, classes), index)
         scope = f"validation split of {ckpt.parent.parent}"
     cpu = torch.device("cpu")
     workers = resolve_workers(cfg.data.num_workers, cpu)
-    loader = make_loader(FlowerDataset(index, eval_transform(cfg.data.image_size)), indices, cfg.data.batch_size, workers, cpu)
+    loader = make_loader(FlowerDataset(index, eval_transform(cfg.eval_image_size)), indices, cfg.data.batch_size, workers, cpu)
     result = evaluate(model, loader, len(classes), cpu)
     return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), **result}
+
+
+def run_split(ckpt: Path, cfg: Config, classes: tuple[str, ...]) -> Path:
+    """The split.json of the checkpoint's own run (RUN/checkpoints/<name>): same data root, same classes."""
+    split = ckpt.parent.parent / "split.json"
+    if ckpt.parent.name == "checkpoints" and split.is_file():
+        saved = json.loads(split.read_text())
+        if saved.get("classes") == list(classes) and Path(saved.get("root", "")).resolve() == Path(cfg.data.root).resolve():
+            return split
+    raise FlowerdistError(
+        f"checkpoint {ckpt} has no validation split of its own (it is not in RUN/checkpoints/ next to the run's split.json "
+        f"for {cfg.data.root}); pass data.root=FOLDER to evaluate all of a folder"
+    )
 
 
 def collect_images(paths: list[str]) -> list[Path]:
@@ -89,24 +97,26 @@ def collect_images(paths: list[str]) -> list[Path]:
 
 @torch.no_grad()
 def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
+    """Top-k classes per image, in the order given; an image that cannot be used gets {"image", "skipped": reason}
+    instead (the same checks as training: corrupt, not an image, over the pixel limit)."""
     model, cfg, classes, _ = load_model(checkpoint)
     if not 1 <= topk <= len(classes):
         raise FlowerdistError(f"--topk must lie between 1 and {len(classes)} (the number of classes), got {topk}")
-    transform = eval_transform(cfg.data.image_size)
+    transform = eval_transform(cfg.eval_image_size)
     files = collect_images(paths)
-    results = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        batch = torch.stack([transform(pil_to_tensor(_open(f))) for f in chunk])
+    results: list[dict[str, Any]] = [{"image": str(f)} for f in files]
+    usable = []
+    for result, f in zip(results, files):
+        status, detail = check_image(f)
+        if status == "skip":
+            result["skipped"] = detail
+        else:
+            usable.append((result, f))
+    for start in range(0, len(usable), batch_size):
+        chunk = usable[start : start + batch_size]
+        batch = torch.stack([transform(pil_to_tensor(load_rgb(f))) for _, f in chunk])
         probs = model(to_model_input(batch, torch.device("cpu"))).softmax(1)
         top = probs.topk(topk, dim=1)
-        for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
-            results.append({"image": str(f), "predictions": [{"class": classes[k], "probability": v} for v, k in zip(p, i)]})
+        for (result, _), p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            result["predictions"] = [{"class": classes[k], "probability": v} for v, k in zip(p, i)]
     return results
-
-
-def _open(path: Path):
-    try:
-        return load_rgb(path)
-    except OSError as err:
-        raise FlowerdistError(f"cannot read image {path}: {err}") from None

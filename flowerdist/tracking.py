@@ -19,6 +19,7 @@ from accelerate import Accelerator
 
 from flowerdist.config import Config
 from flowerdist.distributed import say
+from flowerdist.errors import FlowerdistError
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -38,6 +39,11 @@ def resolve_wandb_mode(setting: str) -> str | None:
         return None
     if setting == "auto":
         return "online" if wandb_api_key_configured() else "offline"
+    if setting == "online" and not wandb_api_key_configured():
+        raise FlowerdistError(
+            "log.wandb=online needs a W&B API key (set WANDB_API_KEY or run `wandb login`); "
+            "or use log.wandb=offline (upload later with `wandb sync`) or log.wandb=auto"
+        )
     return setting
 
 
@@ -176,9 +182,16 @@ class StepLog:
         self.window_steps += 1
         return step % self.every == 0 or last
 
+    @staticmethod
+    def _mean(accelerator: Accelerator, loss_sum: torch.Tensor, count: int) -> float:
+        """Sum over ranks of the sums, divided by the sum of the counts (ranks may hold different counts after a
+        resume on another number of processes)."""
+        total = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(count))]), "sum")
+        return (total[0] / total[1].clamp(min=1)).item()
+
     def flush(self, accelerator: Accelerator) -> tuple[float, float, float]:
         """Mean loss over the window and all ranks, global images/s and the data-wait share (one host sync)."""
-        loss = accelerator.reduce(self.loss_sum / max(1, self.micro_steps), "mean").item()
+        loss = self._mean(accelerator, self.loss_sum, self.micro_steps)
         now = time.perf_counter()
         elapsed = max(now - self.window_start, 1e-9)
         rate = self.window_steps * self.images_per_step / elapsed
@@ -192,7 +205,7 @@ class StepLog:
 
     def epoch_loss(self, accelerator: Accelerator) -> float:
         """Mean training loss of the epoch over all ranks; resets the epoch sums."""
-        loss = accelerator.reduce(self.epoch_loss_sum / max(1, self.epoch_micro_steps), "mean").item()
+        loss = self._mean(accelerator, self.epoch_loss_sum, self.epoch_micro_steps)
         self.epoch_loss_sum.zero_()
         self.epoch_micro_steps = 0
         return loss
@@ -201,6 +214,11 @@ class StepLog:
         """This rank's un-logged sums (a host sync, done only when saving)."""
         return {"window_loss": float(self.loss_sum), "window_micro_steps": self.micro_steps,
                 "epoch_loss": float(self.epoch_loss_sum), "epoch_micro_steps": self.epoch_micro_steps}
+
+    @staticmethod
+    def fold(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several ranks' sums as one (resuming on another number of processes); [] gives zeros."""
+        return {key: sum(s[key] for s in states) for key in ("window_loss", "window_micro_steps", "epoch_loss", "epoch_micro_steps")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_sum.fill_(state["window_loss"])

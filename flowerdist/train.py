@@ -47,6 +47,7 @@ from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
 from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr
 from flowerdist.preemption import StopSignal
+from flowerdist.runs import Resume, claim_run_dir, reconcile, record_changes
 from flowerdist.state import TrainState
 from flowerdist.tracking import RunLogger, SampleRecorder, StepLog, confusion_table, resolve_wandb_mode
 
@@ -115,7 +116,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
     device = accelerator.device
     start_world(cfg, accelerator)
     run_dir = resolve_run_dir(cfg, accelerator)
-    data = build_data(cfg, accelerator, run_dir)
+    resume = claim_run_dir(cfg, run_dir, accelerator)  # before anything is written: one run per directory
+    if resume is not None:
+        cfg = reconcile(cfg, resume, accelerator.num_processes, say=lambda m: say(accelerator, m))
+        accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # derived on another layout
+    data = build_data(cfg, accelerator, resume)
     plan = Plan.of(cfg, accelerator.num_processes, data.sampler)
     say(
         accelerator,
@@ -123,7 +128,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         f"{cfg.train.grad_accum_steps} accumulation; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps; "
         f"peak lr {plan.peak_lr:.3g}; {len(data.train_idx)} train / {len(data.val_idx)} val images, classes {list(data.classes)}",
     )
-    write_run_files(cfg, accelerator, run_dir, data)
+    write_run_files(cfg, accelerator, run_dir, data, resume)
     model, optimizer, scheduler = build_model(cfg, accelerator, len(data.classes), plan)
     ema = build_ema(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
     mix = build_mix(cfg.augment, len(data.classes), cfg.train.seed, accelerator)
@@ -137,15 +142,19 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         run_dir, accelerator, model, optimizer, every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last,
         meta={"classes": list(data.classes), "config": cfg.to_dict()},
         states={"scheduler": scheduler, "state": state, "logger": logger, "ema": ema, **scaler}, local={"steplog": steplog},
+        layout={"world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
+                "grad_accum_steps": cfg.train.grad_accum_steps, "global_batch": plan.global_batch},
     )
-    resumed = ckpt.resume(cfg.train.resume)
-    if resumed is not None:
-        say(accelerator, f"flowerdist: resuming from {resumed} (epoch {state.epoch}, step {state.global_step})")
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", state.global_step)
+    if resume is not None:
+        ckpt.restore(resume, cfg.train.seed)
+        say(accelerator, f"flowerdist: resuming from {resume.checkpoint} (epoch {state.epoch}, step {state.global_step})")
+        if accelerator.is_main_process:  # what was logged after the checkpoint will be logged again
+            for log in [run_dir / "metrics.jsonl", *(run_dir / "samples").glob("rank*.jsonl")]:
+                truncate_jsonl(log, state.global_step)
+            record_changes(run_dir, resume)
     accelerator.wait_for_everyone()
 
-    closing.enter_context(logger.start(cfg, run_info(accelerator, plan, run_dir), replay_to=state.global_step if resumed else None))
+    closing.enter_context(logger.start(cfg, run_info(accelerator, plan, run_dir), replay_to=state.global_step if resume else None))
     stop = closing.enter_context(StopSignal())
     samples = closing.enter_context(SampleRecorder(run_dir, accelerator.process_index, cfg.train.record_samples))
     show = accelerator.is_main_process and cfg.log.progress
@@ -181,7 +190,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
             if ckpt.should_save(state.global_step):
                 ckpt.save(state.global_step, epoch)
         seconds = time.perf_counter() - epoch_start
-        metrics = end_epoch(cfg, accelerator, model, ema, data, state, steplog, logger, ckpt, (state.samples_in_epoch - start_samples) / seconds, seconds)
+        metrics = end_epoch(cfg, accelerator, model, ema, data, plan, state, steplog, logger, ckpt, (state.samples_in_epoch - start_samples, seconds))
     # Every rank states a digest of its weights: DDP replicas must agree bit for bit.
     print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(accelerator.unwrap_model(model))}", flush=True)
     result = TrainResult(run_dir, state.best_accuracy, metrics, state.global_step)
@@ -215,15 +224,20 @@ def log_step(accelerator, steplog, scheduler, logger, bar, state: TrainState, pl
     logger.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate, "train/data_wait": wait, "epoch": progress}, state.global_step)
 
 
-def end_epoch(cfg, accelerator, model, ema, data: Data, state: TrainState, steplog: StepLog, logger: RunLogger, ckpt: Checkpointer,
-              images_per_s: float, seconds: float) -> dict[str, Any]:
-    """Evaluate (the EMA too, when there is one), log the epoch, checkpoint (best when `train.best_of` improved), summarise."""
-    epoch = state.epoch
+def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: TrainState, steplog: StepLog, logger: RunLogger,
+              ckpt: Checkpointer, timing: tuple[int, float]) -> dict[str, Any]:
+    """Evaluate (the EMA too, when there is one), log the epoch, checkpoint (best when `train.best_of` improved), summarise.
+
+    An epoch cut short by `train.max_steps` keeps its position, so a resume with more steps finishes it.
+    """
+    epoch, (images, seconds) = state.epoch, timing
+    images_per_s = images / seconds
+    complete = state.samples_in_epoch == plan.steps_per_epoch * plan.global_batch
     train_loss = steplog.epoch_loss(accelerator)
     stop_if_diverged(train_loss, state.global_step, ckpt.root.parent)
     evaluated = {"val": accelerator.unwrap_model(model), "val_ema": ema.module}
     results = {prefix: validate(cfg, accelerator, m, data) for prefix, m in evaluated.items() if m is not None}
-    metrics = {"epoch": epoch + 1, "train/epoch_loss": train_loss}
+    metrics = {"epoch": epoch + state.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch), "train/epoch_loss": train_loss}
     for prefix, val in results.items():
         metrics.update({f"{prefix}/loss": val["loss"], f"{prefix}/accuracy": val["accuracy"], f"{prefix}/count": val["count"],
                         **{f"{prefix}/accuracy/{c}": a for c, a in zip(data.classes, val["per_class_accuracy"])},
@@ -235,7 +249,8 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, state: TrainState, stepl
     logger.log(metrics, state.global_step, tables)
     improved = val["accuracy"] > state.best_accuracy
     state.best_accuracy = max(state.best_accuracy, val["accuracy"])
-    state.next_epoch()
+    if complete:
+        state.next_epoch()
     ckpt.save(state.global_step, state.epoch, best=improved, accuracy=val["accuracy"], best_model=evaluated[best_of])
     ema_note = f"  ema_acc {results['val_ema']['accuracy']:.4f}" if "val_ema" in results else ""
     summary = (
@@ -277,20 +292,24 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return Path("runs") / f"{cfg.name}-{stamp[0]}"
 
 
-def build_data(cfg: Config, accelerator: Accelerator, run_dir: Path) -> Data:
+def build_data(cfg: Config, accelerator: Accelerator, resume: Resume | None) -> Data:
     """Generate (synthetic), check every image, split (or keep a resumed run's split), and build the loaders."""
     ensure_synthetic_data(cfg, accelerator)
     index = checked_index(cfg.data.root, accelerator)
-    saved_split = run_dir / "split.json"
-    if cfg.train.resume and saved_split.is_file():  # a resumed run keeps its split, whatever changed on disk
-        train_idx, val_idx = load_split(saved_split, index)
+    if resume is not None:  # a resumed run keeps its classes and its split, whatever changed on disk
+        if list(index.classes) != resume.meta["classes"]:
+            raise FlowerdistError(
+                f"cannot resume {resume.checkpoint}: data.root={cfg.data.root} has classes {list(index.classes)} but the run "
+                f"was trained on {resume.meta['classes']}; point data.root at its images or start a new run"
+            )
+        train_idx, val_idx = load_split(resume.checkpoint.parent.parent / "split.json", index)
     else:
         train_idx, val_idx = stratified_split(index.labels, cfg.data.val_fraction, cfg.train.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = ShardedSampler(train_idx, cfg.data.batch_size, rank, world, cfg.train.grad_accum_steps, cfg.train.seed)
     cache = open_decoded_cache(cfg, index, accelerator)
     train_set = FlowerDataset(index, train_transform(cfg.data.image_size, cfg.data.min_scale, cfg.augment), cfg.train.seed, cache=cache)
-    val_set = FlowerDataset(index, eval_transform(cfg.data.image_size), cache=cache)
+    val_set = FlowerDataset(index, eval_transform(cfg.eval_image_size), cache=cache)
     workers = resolve_workers(cfg.data.num_workers, accelerator.device, local_processes(accelerator))
     loader = dict(batch_size=cfg.data.batch_size, workers=workers, device=accelerator.device, prefetch_factor=cfg.data.prefetch_factor)
     return Data(index, train_idx, val_idx, sampler, make_loader(train_set, sampler, **loader),
@@ -302,11 +321,16 @@ def ensure_synthetic_data(cfg: Config, accelerator: Accelerator) -> None:
     root = Path(cfg.data.root)
     if not cfg.data.synthetic or root.exists():
         return
+    if not root.name.startswith("synthetic"):  # a mistyped path to real photos must not become a set of drawings
+        raise FlowerdistError(
+            f"data folder {root} does not exist, and data.synthetic=true generates flowers only into a folder named "
+            f"synthetic* (e.g. data/synthetic_flowers): fix data.root, or set data.synthetic=false for your own images"
+        )
     with accelerator.main_process_first():
         if accelerator.is_main_process and not root.exists():
             from flowerdist.data.synth import generate
 
-            say(accelerator, f"flowerdist: generating synthetic flowers in {root} (first use)")
+            say(accelerator, f"flowerdist: generating SYNTHETIC flowers (procedural drawings, not photos) in {root} (first use)")
             generate(root, per_class=cfg.data.synthetic_per_class, size=cfg.data.synthetic_size, seed=cfg.train.seed)
 
 
@@ -345,11 +369,12 @@ def open_decoded_cache(cfg: Config, index: ImageFolderIndex, accelerator: Accele
         return None
 
 
-def write_run_files(cfg: Config, accelerator: Accelerator, run_dir: Path, data: Data) -> None:
-    """config.yaml, class_indices.json and split.json: what `eval`, `predict` and a resume read back."""
+def write_run_files(cfg: Config, accelerator: Accelerator, run_dir: Path, data: Data, resume: Resume | None) -> None:
+    """config.yaml, class_indices.json and split.json: what `eval`, `predict` and a resume read back.
+
+    A resumed run's config.yaml also lists the changes made on resume, with the step they took effect."""
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", resume.changes if resume else None, resume.step if resume else 0)
         (run_dir / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(data.classes)}, indent=1))
         save_split(run_dir / "split.json", data.index, data.train_idx, data.val_idx)
     accelerator.wait_for_everyone()
@@ -394,8 +419,8 @@ def stop_if_diverged(loss: float, step: int, run_dir: Path) -> None:
         )
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop events logged after the checkpoint we resume from: they will be logged again."""
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the events of a JSON-lines log (metrics, samples) after the checkpoint we resume from."""
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in lines))

@@ -57,7 +57,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_p
     run = tmp_path / "nan"
     proc = run_cli(
         "train", "-c", "configs/quickstart.yaml", f"data.root={tiny_data}", f"train.output_dir={run}", *TINY,
-        "train.epochs=3", "optim.name=sgd", "optim.lr=1e6", "optim.warmup_steps=0", "train.log_every=50",
+        "train.epochs=3", "optim.name=sgd", "optim.lr=10", "optim.warmup_steps=0", "train.log_every=50",
         "train.checkpoint_every=1", check=False,
     )
     one_line_error(proc, "lower optim.lr")  # the loss or the weights became non-finite

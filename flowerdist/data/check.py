@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flowerdist.data.folder import ImageFolderIndex, require_images_in_every_class
-from flowerdist.data.images import check_image
+from flowerdist.data.images import check_image, shown
 
 
 @dataclass
@@ -26,13 +26,19 @@ class CheckReport:
     converted: dict[str, str] = field(default_factory=dict)  # file -> original mode
     counts: dict[str, int] = field(default_factory=dict)  # usable images per class
 
-    def lines(self) -> list[str]:
+    def lines(self, names_per_reason: int = 5) -> list[str]:
+        """The report: totals, conversions, skipped files by reason (the first few names, then a count), per class."""
         out = [f"data {self.root}: {self.total} images, {self.total - len(self.skipped)} usable, {len(self.skipped)} skipped, {len(self.converted)} converted to RGB"]
         if self.converted:
             modes = Counter(self.converted.values())
             out.append("  converted: " + ", ".join(f"{n} {m}" for m, n in sorted(modes.items())))
+        by_kind: dict[str, list[str]] = {}  # "truncated or corrupt (detail)" -> kind "truncated or corrupt"
         for name, reason in sorted(self.skipped.items()):
-            out.append(f"  skipped {name}: {reason}")
+            by_kind.setdefault(reason.split(" (")[0], []).append(name)
+        for kind, names in by_kind.items():
+            out += [f"  skipped {shown(name)}: {self.skipped[name]}" for name in names[:names_per_reason]]
+            if len(names) > names_per_reason:
+                out.append(f"  skipped {len(names) - names_per_reason} more: {kind}")
         out.append("  per class: " + ", ".join(f"{c} {n}" for c, n in self.counts.items()))
         return out
 

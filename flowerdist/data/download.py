@@ -116,7 +116,10 @@ def download(
     if final.is_dir():
         log.info("%s exists: nothing to download", final)
         return final
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FlowerdistError(f"--out {out} cannot be a folder ({err.strerror}): pass --out DIR, a folder to download into") from None
     archive = out / _archive_name(url)
     if archive.is_file():
         actual = sha256sum(archive)

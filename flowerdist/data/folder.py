@@ -54,6 +54,11 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> Ima
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise FlowerdistError(f"data folder {root} has no class sub-folders; expected ROOT/<class>/<image>")
+    if classes is None and len(found) < 2:
+        raise FlowerdistError(
+            f"data folder {root} has {len(found)} class folder ({found[0]}); a classifier needs at least two: "
+            "put each class's images in a folder of its own under data.root"
+        )
     if classes is not None and tuple(found) != tuple(classes):
         raise FlowerdistError(
             f"data folder {root} has classes {found} but the checkpoint was trained on {list(classes)}"

@@ -1,0 +1,270 @@
+"""flowerdist used as a hostile user would: reruns into a used folder, changed configs on resume, bad
+checkpoints, bad paths, bad images. Each case once lost work or ended in a traceback; now each ends
+in one line (exit 2) and leaves the run as it was."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, run_cli
+from flowerdist.data.images import load_rgb
+
+pytestmark = pytest.mark.slow
+
+
+def args(data, run, *extra):
+    return ("train", "-c", "configs/quickstart.yaml", f"data.root={data}", f"train.output_dir={run}", *TINY,
+            "data.image_size=32", "train.epochs=1", "train.max_steps=4", *extra)
+
+
+def one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "weights_only=False" not in lines[0], proc.stderr
+
+
+def snapshot(run):
+    """Every file of a run with its bytes: what must not change when flowerdist refuses."""
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def done_run(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*args(tiny_data, run))
+    return run
+
+
+# ---- a run directory belongs to one run -------------------------------------------------------
+
+
+def test_a_second_fresh_run_into_the_same_folder_is_refused_before_writing(done_run, tiny_data):
+    before = snapshot(done_run)
+    one_line_error(run_cli(*args(tiny_data, done_run, "train.seed=3"), check=False), "already holds a run")
+    proc = run_cli(*args(tiny_data, done_run, "train.seed=3"), check=False)
+    assert "train.resume=auto" in proc.stderr and "new train.output_dir" in proc.stderr
+    assert snapshot(done_run) == before
+
+
+def test_overwrite_moves_the_old_run_aside(done_run, tiny_data):
+    before = snapshot(done_run)
+    out = run_cli(*args(tiny_data, done_run, "train.seed=3", "train.overwrite=true")).stdout
+    (aside,) = done_run.parent.glob("run.replaced-*")
+    assert "moved the previous run" in out and snapshot(aside) == before
+    assert yaml.safe_load((done_run / "config.yaml").read_text())["train"]["seed"] == 3
+
+
+# ---- resuming with a changed config -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, key", [("model.name=resnet18", "model.name"), ("model.shortcut=C", "model.shortcut"),
+                                         ("train.seed=5", "train.seed"), ("data.val_fraction=0.3", "data.val_fraction")])
+def test_resume_refuses_another_model_or_other_data(done_run, tiny_data, change, key):
+    before = snapshot(done_run)
+    proc = run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.max_steps=8", change), check=False)
+    one_line_error(proc, f"with {key}=")
+    assert "makes another model or other data" in proc.stderr and snapshot(done_run) == before
+
+
+def test_resume_refuses_another_class_set(done_run, tiny_data, tmp_path):
+    three = tmp_path / "three"
+    for name in ("daisy", "roses", "tulips"):
+        shutil.copytree(tiny_data / name, three / name)
+    before = snapshot(done_run)
+    proc = run_cli(*args(three, done_run, "train.resume=auto", "train.max_steps=8"), check=False)
+    one_line_error(proc, "has classes ['daisy', 'roses', 'tulips'] but the run was trained on")
+    assert snapshot(done_run) == before
+
+
+def test_optimisation_changes_need_the_override_and_are_recorded(done_run, tiny_data):
+    before = snapshot(done_run)
+    one_line_error(run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.max_steps=8", "optim.lr=0.0005"), check=False),
+                   "pass train.resume_override=true")
+    assert snapshot(done_run) == before
+    run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.epochs=2", "train.max_steps=8", "optim.lr=0.0005",
+                  "train.resume_override=true"))
+    config = yaml.safe_load((done_run / "config.yaml").read_text())
+    assert config["optim"]["lr"] == 0.0005
+    assert config["resumed_changes"] == [{"step": 4, "changes": {"optim.lr": {"was": 0.002, "now": 0.0005},
+                                                                 "train.epochs": {"was": 1, "now": 2},
+                                                                 "train.max_steps": {"was": 4, "now": 8}}}]
+    events = [json.loads(line) for line in (done_run / "metrics.jsonl").read_text().splitlines()]
+    changes = [e for e in events if "config_change" in e]
+    assert changes == [{"step": 4, "config_change": {"train.epochs": [1, 2], "train.max_steps": [4, 8], "optim.lr": [0.002, 0.0005]}}]
+    assert max(e["step"] for e in events) == 8
+
+
+def test_free_keys_may_change_on_resume(done_run, tiny_data):
+    run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.epochs=2", "train.max_steps=6", "train.log_every=2"))
+    assert json.loads((done_run / "result.json").read_text())["global_step"] == 6
+
+
+# ---- checkpoints that cannot be trusted -------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "pickled code"])
+def test_a_damaged_train_state_is_one_line(done_run, tiny_data, damage):
+    state = done_run / "checkpoints" / "last" / "train_state.pt"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "empty":
+        state.write_bytes(b"")
+    else:
+        torch.save({"state": {"global_step": 1}, "ranks": [], "x": io.StringIO("any object")}, state)
+    proc = run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.max_steps=8"), check=False)
+    one_line_error(proc, "cannot be read safely")
+
+
+def test_a_missing_resume_path_fails_before_writing(tiny_data, tmp_path):
+    run = tmp_path / "new"
+    one_line_error(run_cli(*args(tiny_data, run, f"train.resume={tmp_path / 'nope'}"), check=False), "is not a training checkpoint")
+    assert not run.exists()
+
+
+def test_meta_with_a_string_for_classes_is_refused(done_run, tiny_data):
+    meta_path = done_run / "checkpoints" / "best" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["classes"] = "daisy"
+    meta_path.write_text(json.dumps(meta))
+    one_line_error(run_cli("predict", "--checkpoint", str(done_run), str(tiny_data / "roses"), check=False), "'classes' (a list")
+
+
+def test_eval_never_uses_a_split_of_another_run(done_run, tiny_data, tmp_path):
+    copied = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree((done_run / "checkpoints" / "best").resolve(), copied)
+    shutil.copy(done_run / "split.json", tmp_path / "split.json")  # an unrelated split two levels up
+    one_line_error(run_cli("eval", "--checkpoint", str(copied), check=False), "has no validation split of its own")
+    assert json.loads(run_cli("eval", "--checkpoint", str(copied), f"data.root={tiny_data}", "--json").stdout)["count"] == 200
+
+
+# ---- divergence -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr", ["inf", "1e30", "nan"])
+def test_absurd_learning_rates_are_refused_by_the_config(lr, tmp_path):
+    proc = run_cli("train", f"optim.lr={lr}", f"train.output_dir={tmp_path / 'r'}", check=False)
+    one_line_error(proc, "optim.lr")
+    assert not (tmp_path / "r").exists()
+
+
+def test_nan_weights_never_reach_a_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "nan"
+    proc = run_cli(*args(tiny_data, run, "train.max_steps=0", "train.epochs=2", "optim.name=sgd", "optim.lr=10",
+                         "optim.warmup_steps=0", "train.log_every=100", "train.checkpoint_every=1"), check=False)
+    one_line_error(proc, "lower optim.lr")
+    for ckpt in list((run / "checkpoints").glob("step-*")) + list((run / "checkpoints").glob("best-*")):
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values() if t.is_floating_point())
+
+
+# ---- silent wrong data ------------------------------------------------------------------------
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))  # a horizontal gradient
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(tmp_path / "ramp.png"))
+    assert rgb.shape == (8, 256, 3) and rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255
+    assert np.all(np.diff(rgb[0, :, 0].astype(int)) >= 0) and abs(int(rgb[0, 128, 0]) - 128) <= 1
+
+
+def test_one_class_is_refused(tiny_data, tmp_path):
+    only = tmp_path / "only"
+    shutil.copytree(tiny_data / "daisy", only / "daisy")
+    one_line_error(run_cli(*args(only, tmp_path / "r"), check=False), "needs at least two")
+
+
+def test_an_empty_data_root_is_refused(tmp_path):
+    one_line_error(run_cli("train", "data.root=", f"train.output_dir={tmp_path / 'r'}", check=False), "data.root' is empty")
+
+
+def test_a_mistyped_root_never_becomes_synthetic_flowers(tmp_path):
+    typo = tmp_path / "flower_photoz"
+    proc = run_cli("train", "-c", "configs/quickstart.yaml", f"data.root={typo}", f"train.output_dir={tmp_path / 'r'}", check=False)
+    one_line_error(proc, "generates flowers only into a folder named synthetic*")
+    assert not typo.exists()
+
+
+# ---- predict, download, W&B, output folder ----------------------------------------------------
+
+
+def test_predict_keeps_the_good_images_when_one_is_bad(done_run, tiny_data, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_data / "roses", folder)
+    jpeg = (folder / "roses_00000.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    Image.new("1", (9000, 8000)).save(folder / "bomb.png")  # over the training pixel limit
+    proc = run_cli("predict", "--checkpoint", str(done_run), "--json", str(folder), check=False)
+    assert proc.returncode == 1
+    results = {r["image"].split("/")[-1]: r for r in json.loads(proc.stdout)}
+    assert sum("predictions" in r for r in results.values()) == 40
+    assert results["truncated.jpg"]["skipped"].startswith("truncated or corrupt")
+    assert results["bomb.png"]["skipped"].startswith("too large")
+    assert "2 of 42 images skipped" in proc.stderr and "skipped" in proc.stderr
+
+
+def test_online_wandb_without_a_key_fails_before_writing(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    proc = run_cli("train", "log.wandb=online", f"train.output_dir={tmp_path / 'r'}", check=False)
+    one_line_error(proc, "log.wandb=online needs a W&B API key")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_output_dir_behind_a_file_is_one_line(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    one_line_error(run_cli(*args(tiny_data, tmp_path / "file" / "run"), check=False), "train.output_dir=")
+
+
+def test_download_into_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    one_line_error(run_cli("data", "download", "--out", str(tmp_path / "file"), check=False), "--out")
+
+
+# ---- the data check report --------------------------------------------------------------------
+
+
+def test_check_report_escapes_names_and_summarises_by_reason(tiny_data, tmp_path):
+    root = tmp_path / "many"
+    shutil.copytree(tiny_data, root)
+    for i in range(300):
+        (root / "daisy" / f"empty_{i:03d}.jpg").write_bytes(b"")
+    (root / "roses" / "forged\n  skipped x.jpg: ok.jpg").write_text("not a picture")
+    out = run_cli("data", "check", str(root)).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) < 15, out  # not 300 lines of empty files
+    assert "skipped 295 more: empty file" in out
+    assert "'roses/forged\\n  skipped x.jpg: ok.jpg': not an image" in out  # escaped, so it cannot forge a line
+
+
+def test_unreadable_files_say_permission(tiny_data, tmp_path):
+    root = tmp_path / "perm"
+    shutil.copytree(tiny_data, root)
+    locked = root / "daisy" / "daisy_00000.jpg"
+    locked.chmod(0)
+    # root reads anything; drop the capabilities that let it, so the check meets a real permission error
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    proc = subprocess.run([*drop, sys.executable, "-m", "flowerdist", "data", "check", str(root)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "skipped daisy/daisy_00000.jpg: cannot read (permission denied)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_max_steps_ends_the_schedule(tiny_data, tmp_path):
+    run = tmp_path / "short"
+    run_cli(*args(tiny_data, run, "train.max_steps=6", "train.log_every=1", "optim.warmup_steps=2"))
+    lrs = [json.loads(line)["train/lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/lr" in line]
+    assert len(lrs) == 6 and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine reached its floor at max_steps
