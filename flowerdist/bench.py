@@ -125,19 +125,12 @@ def _row(part: str, rates: list[float], **extra) -> dict:
 def environment(device: str) -> dict:
     import accelerate
     import timm
-    import torch
     import torchvision
 
-    if device == "cuda":
-        name = torch.cuda.get_device_name(0)
-    else:
-        model_names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-        name = f"{model_names[0] if model_names else platform.processor()} ({os.cpu_count()} cores)"
-    return {
-        "device": device, "device_name": name, "gpus": torch.cuda.device_count(), "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "accelerate": accelerate.__version__, "timm": timm.__version__,
-    }
+    from flowerdist.distributed import describe_machine
+
+    return {**describe_machine(device), "python": platform.python_version(), "torchvision": torchvision.__version__,
+            "accelerate": accelerate.__version__, "timm": timm.__version__}
 
 
 def run_bench(args) -> dict:

@@ -40,6 +40,10 @@ def _predict(args) -> int:
     from flowerdist.inference import run_predict
 
     results = run_predict(args.checkpoint, args.images, topk=args.topk)
+    if args.plot:
+        from flowerdist.inference import plot_predictions
+
+        print(f"predictions plotted in {plot_predictions(results, args.plot)}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=1))
     for r in results:
@@ -82,10 +86,22 @@ def _download(args) -> None:
     print(f"flower_photos in {download(args.out)}")
 
 
+def _report(args) -> None:
+    from flowerdist.report import write_report
+
+    write_report(args.runs, args.out)
+
+
+def _export(args) -> None:
+    from flowerdist.export import export
+
+    export(args.checkpoint, args.format, args.out)
+
+
 def _sweep(args) -> None:
     from flowerdist.sweep import run_sweep
 
-    run_sweep(args.file, args.variant, dry_run=args.dry_run, slurm=args.slurm, cell=args.cell)
+    run_sweep(args.file, args.variant, args.overrides, dry_run=args.dry_run, slurm=args.slurm, cell=args.cell)
 
 
 def _bench(args) -> None:
@@ -119,8 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint path")
     p.add_argument("--topk", type=int, default=1, help="how many classes to show per image")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="also save a picture: each image with its top class and a bar of the top-k")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("report", help="a table and figures (report.md + PNGs) from run directories, offline")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report for one run, reports/<time>/ for several)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("export", help="the run's best weights as ONNX or TorchScript, with its preprocessing and a parity check")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint path")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="the model file to write; FILE.json gets the preprocessing")
+    p.set_defaults(func=_export)
 
     data = sub.add_parser("data", help="make or fetch flower data").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="generate a procedural five-class flower set (JPEGs)")
@@ -143,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the cells and their state, train nothing")
     p.add_argument("--slurm", action="store_true", help="submit one Slurm job array (a task per unfinished cell) instead of training here")
     p.add_argument("--cell", type=int, help=argparse.SUPPRESS)  # slurm/launch.sh: print cell N's train arguments
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every cell, e.g. data.root=PHOTOS")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("bench", help="images/s of the model step, a plain PyTorch loop, the flowerdist loop and the data pipeline")

@@ -11,7 +11,9 @@ distributed.
 from __future__ import annotations
 
 import os
+import platform
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -75,6 +77,19 @@ def say(accelerator: Accelerator, message: str) -> None:
     """Print once per run (global main process; `accelerator.print` prints once per node)."""
     if accelerator.is_main_process:
         print(message, flush=True)
+
+
+def describe_machine(device: str) -> dict:
+    """What a number measured here depends on: device, its name, the CPU's vector ISA, threads, torch."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")] if cpuinfo.is_file() else []
+        name = f"{models[0] if models else platform.processor()} ({os.cpu_count()} cores)"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return {"device": device, "device_name": name, "cpu_capability": torch.backends.cpu.get_cpu_capability() + (" + AMX" if amx else ""),
+            "gpus": torch.cuda.device_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def local_processes(accelerator: Accelerator) -> int:

@@ -26,21 +26,27 @@ def evaluate(
     channels_last: bool = False,
     autocast=contextlib.nullcontext,
     reduce=None,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
     """Loss, accuracy, per-class accuracy and confusion matrix (rows: actual, columns: predicted).
 
     `reduce(tensor)` sums a tensor over ranks (e.g. `lambda t: accelerator.reduce(t, "sum")`).
+    `keep_predictions`: also return this rank's (index, label, predicted, probability) per image.
     """
+    kept: list[tuple[int, int, int, float]] = []
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, labels, *_ in loader:
+    for images, labels, *rest in loader:
         images = to_model_input(images, device, memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast():
             logits = model(images)
+        if keep_predictions:
+            prob, pred = logits.float().softmax(1).max(1)
+            kept += zip(rest[0].tolist(), labels.tolist(), pred.tolist(), prob.tolist())
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
             num_classes, num_classes
@@ -49,7 +55,7 @@ def evaluate(
         confusion = reduce(confusion)
         loss_sum = reduce(loss_sum)
     model.train(was_training)
-    return summarize(confusion.cpu(), float(loss_sum))
+    return {**summarize(confusion.cpu(), float(loss_sum)), **({"predictions": kept} if keep_predictions else {})}
 
 
 def summarize(confusion: torch.Tensor, loss_sum: float) -> dict[str, Any]:

@@ -50,7 +50,13 @@ def atomic_dir(final: Path, *, replace: bool = False, exist_ok: bool = False) ->
 
 
 def atomic_symlink(link: Path, target_name: str) -> None:
-    """Point `link` at `target_name` (relative), replacing any previous link in one rename."""
+    """Point `link` at `target_name` (relative), replacing any previous link in one rename.
+
+    A real folder in its place is a copy a tool made by following the link (`cp -r` of a run): the
+    original it duplicates stays, so the copy is removed.
+    """
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()

@@ -66,6 +66,23 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), **result}
 
 
+@torch.no_grad()
+def predict_indices(checkpoint: str | Path, index, indices: list[int], batch_size: int = 32):
+    """Items `indices` of a folder index through a checkpoint: (HWC uint8 images as the model saw them, true labels,
+    predicted labels, predicted probabilities)."""
+    model, cfg, _, _ = load_model(checkpoint)
+    dataset = FlowerDataset(index, eval_transform(cfg.eval_image_size))
+    images, true, pred, prob = [], [], [], []
+    for batch, labels, _ in make_loader(dataset, indices, batch_size, 0, torch.device("cpu")):
+        probs = model(to_model_input(batch, torch.device("cpu"))).softmax(1)
+        p, k = probs.max(1)
+        images += [img.permute(1, 2, 0).numpy() for img in batch]
+        true += labels.tolist()
+        pred += k.tolist()
+        prob += p.tolist()
+    return images, true, pred, prob
+
+
 def run_split(ckpt: Path, cfg: Config, classes: tuple[str, ...]) -> Path:
     """The split.json of the checkpoint's own run (RUN/checkpoints/<name>): same data root, same classes."""
     split = ckpt.parent.parent / "split.json"
@@ -120,3 +137,24 @@ def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_s
         for (result, _), p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
             result["predictions"] = [{"class": classes[k], "probability": v} for v, k in zip(p, i)]
     return results
+
+
+def plot_predictions(results: list[dict[str, Any]], out: str | Path) -> Path:
+    """The tutorial's picture of `run_predict`'s results (skipped images are left out)."""
+    import numpy as np
+
+    from flowerdist import figures
+
+    shown = [r for r in results if "predictions" in r]
+    if not shown:
+        raise FlowerdistError("no image could be predicted, so there is nothing to plot")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise FlowerdistError(f"--plot {out} must name a .png file")
+    images = [np.asarray(load_rgb(Path(r["image"]))) for r in shown]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figures.save(figures.prediction_figure(images, [r["image"] for r in shown], [r["predictions"] for r in shown]), out)
+    except OSError as err:
+        raise FlowerdistError(f"--plot {out} cannot be written ({err.strerror}); choose a writable path") from None
+    return out

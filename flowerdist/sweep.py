@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,9 @@ def _value_text(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def load_sweep(path: str | Path, variant: str | None = None) -> list[Cell]:
-    """The cells of sweep file `path`, each config validated before anything runs."""
+def load_sweep(path: str | Path, variant: str | None = None, extra: Sequence[str] = ()) -> list[Cell]:
+    """The cells of sweep file `path` (`extra` KEY=VALUE overrides apply to every cell), each config validated
+    before anything runs."""
     path = Path(path)
     if not path.is_file():
         raise FlowerdistError(f"sweep file {path} not found; see configs/experiments/ for examples")
@@ -69,7 +71,7 @@ def load_sweep(path: str | Path, variant: str | None = None) -> list[Cell]:
     variants = spec.get("variants") or {}
     if variant is not None and variant not in variants:
         raise FlowerdistError(f"sweep file {path} has no variant '{variant}'; choose one of {sorted(variants) or 'none (drop --variant)'}")
-    base = [*map(str, spec.get("overrides") or []), *map(str, variants.get(variant) or [])]
+    base = [*map(str, spec.get("overrides") or []), *map(str, variants.get(variant) or []), *extra]
     out = Path(spec.get("output_dir") or f"runs/sweeps/{path.stem}") / (variant or "")
     cells = []
     for values in itertools.product(*grid.values()):
@@ -82,8 +84,9 @@ def load_sweep(path: str | Path, variant: str | None = None) -> list[Cell]:
     return cells
 
 
-def run_sweep(path: str, variant: str | None = None, *, dry_run: bool = False, slurm: bool = False, cell: int | None = None) -> list[Cell]:
-    cells = load_sweep(path, variant)
+def run_sweep(path: str, variant: str | None = None, extra: Sequence[str] = (), *, dry_run: bool = False, slurm: bool = False,
+              cell: int | None = None) -> list[Cell]:
+    cells = load_sweep(path, variant, extra)
     if cell is not None:
         if not 0 <= cell < len(cells):
             raise FlowerdistError(f"--cell {cell} is out of range: {path} has cells 0-{len(cells) - 1}")
@@ -95,7 +98,7 @@ def run_sweep(path: str, variant: str | None = None, *, dry_run: bool = False, s
     if dry_run:
         return cells
     if slurm:
-        return submit_array(path, variant, cells)
+        return submit_array(path, variant, extra, cells)
     from flowerdist.train import train
 
     for i, c in enumerate(cells):
@@ -107,14 +110,14 @@ def run_sweep(path: str, variant: str | None = None, *, dry_run: bool = False, s
     return cells
 
 
-def submit_array(path: str, variant: str | None, cells: list[Cell]) -> list[Cell]:
+def submit_array(path: str, variant: str | None, extra: Sequence[str], cells: list[Cell]) -> list[Cell]:
     """One Slurm job array, task i = cell i; slurm/launch.sh turns the task id into the cell's config."""
     todo = [str(i) for i, c in enumerate(cells) if not c.done]
     if not todo:
         print("sweep: nothing to submit, every cell is done", flush=True)
         return cells
     Path("logs").mkdir(exist_ok=True)
-    sweep = ["--sweep", str(path)] + (["--variant", variant] if variant else [])
+    sweep = ["--sweep", str(path), *(["--variant", variant] if variant else []), *extra]
     cmd = ["sbatch", "--parsable", f"--array={','.join(todo)}", "--output=logs/%x-%A_%a.out", "slurm/single_node.sbatch", *sweep]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:

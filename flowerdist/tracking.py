@@ -121,6 +121,24 @@ class RunLogger:
         if self.wandb_mode is not None:
             self.accelerator.log({**_scalars(metrics), **(tables or {})}, step=step)
 
+    def log_figures(self, figures: dict[str, Any], step: int) -> None:
+        """matplotlib figures as W&B images (offline runs too); main process, W&B only."""
+        if self.wandb_mode is None or not self.accelerator.is_main_process:
+            return
+        import io
+
+        import matplotlib.pyplot
+        import wandb
+        from PIL import Image
+
+        images = {}
+        for name, fig in figures.items():
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+            images[name] = wandb.Image(Image.open(buffer))
+            matplotlib.pyplot.close(fig)
+        self.accelerator.log(images, step=step)
+
     def __enter__(self) -> RunLogger:
         return self
 
@@ -238,8 +256,9 @@ class SampleRecorder:
             self.file = open(run_dir / "samples" / f"rank{rank}.jsonl", "a")
 
     def write(self, epoch: int, step: int, indices: torch.Tensor) -> None:
-        if self.file is not None:
+        if self.file is not None:  # flushed: a kill must not lose steps a checkpoint already covers
             self.file.write(json.dumps({"epoch": epoch, "step": step, "indices": indices.tolist()}) + "\n")
+            self.file.flush()
 
     def __enter__(self) -> SampleRecorder:
         return self

@@ -41,7 +41,7 @@ from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.data.transforms import eval_transform, to_model_input, train_transform
 from flowerdist.ema import build_ema
 from flowerdist.mix import build_mix
-from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_world, end_accelerator, local_processes, num_machines, say
+from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_machine, describe_world, end_accelerator, local_processes, num_machines, say
 from flowerdist.errors import FlowerdistError, Preempted
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
@@ -128,7 +128,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         f"{cfg.train.grad_accum_steps} accumulation; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps; "
         f"peak lr {plan.peak_lr:.3g}; {len(data.train_idx)} train / {len(data.val_idx)} val images, classes {list(data.classes)}",
     )
-    write_run_files(cfg, accelerator, run_dir, data, resume)
+    write_run_files(cfg, accelerator, run_dir, data, resume, run_info(accelerator, plan, run_dir))
     model, optimizer, scheduler = build_model(cfg, accelerator, len(data.classes), plan)
     ema = build_ema(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
     mix = build_mix(cfg.augment, len(data.classes), cfg.train.seed, accelerator)
@@ -236,7 +236,8 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     train_loss = steplog.epoch_loss(accelerator)
     stop_if_diverged(train_loss, state.global_step, ckpt.root.parent)
     evaluated = {"val": accelerator.unwrap_model(model), "val_ema": ema.module}
-    results = {prefix: validate(cfg, accelerator, m, data) for prefix, m in evaluated.items() if m is not None}
+    pictures = logger.wandb_mode is not None and accelerator.is_main_process
+    results = {prefix: validate(cfg, accelerator, m, data, pictures) for prefix, m in evaluated.items() if m is not None}
     metrics = {"epoch": epoch + state.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch), "train/epoch_loss": train_loss}
     for prefix, val in results.items():
         metrics.update({f"{prefix}/loss": val["loss"], f"{prefix}/accuracy": val["accuracy"], f"{prefix}/count": val["count"],
@@ -248,6 +249,8 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     tables = {"val/confusion_table": confusion_table(val["confusion"], data.classes)} if (logger.wandb_mode and accelerator.is_main_process) else None
     logger.log(metrics, state.global_step, tables)
     improved = val["accuracy"] > state.best_accuracy
+    if pictures and (improved or state.global_step >= plan.total_steps or epoch + 1 == cfg.train.epochs):
+        logger.log_figures(result_figures(val, data, f"epoch {epoch + 1}, step {state.global_step}"), state.global_step)
     state.best_accuracy = max(state.best_accuracy, val["accuracy"])
     if complete:
         state.next_epoch()
@@ -262,12 +265,25 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     return metrics
 
 
-def validate(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, data: Data) -> dict[str, Any]:
+def validate(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, data: Data, keep_predictions: bool = False) -> dict[str, Any]:
     """Loss, accuracy, per-class accuracy and confusion matrix over every rank's validation shard."""
     return evaluate(
-        model, data.val_loader, len(data.classes), accelerator.device,
-        channels_last=cfg.model.channels_last, autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"),
+        model, data.val_loader, len(data.classes), accelerator.device, channels_last=cfg.model.channels_last,
+        autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), keep_predictions=keep_predictions,
     )
+
+
+def result_figures(val: dict[str, Any], data: Data, title: str, count: int = 18) -> dict[str, Any]:
+    """The confusion matrix and the mistakes grid (of this rank's validation shard) that W&B shows as images."""
+    from flowerdist import figures
+
+    # (index, label, pred, prob): confident mistakes first, then the least confident correct predictions
+    shown = sorted(val["predictions"], key=lambda p: (p[1] == p[2], p[3] if p[1] == p[2] else -p[3]))[:count]
+    images = [data.val_loader.dataset[i][0].permute(1, 2, 0).numpy() for i, *_ in shown]
+    return {
+        "val/confusion_matrix": figures.confusion_figure(val["confusion"], data.classes, title),
+        "val/mistakes": figures.mistakes_figure(images, [p[1] for p in shown], [p[2] for p in shown], [p[3] for p in shown], data.classes, title=title),
+    }
 
 
 def start_world(cfg: Config, accelerator: Accelerator) -> None:
@@ -369,11 +385,15 @@ def open_decoded_cache(cfg: Config, index: ImageFolderIndex, accelerator: Accele
         return None
 
 
-def write_run_files(cfg: Config, accelerator: Accelerator, run_dir: Path, data: Data, resume: Resume | None) -> None:
-    """config.yaml, class_indices.json and split.json: what `eval`, `predict` and a resume read back.
+def write_run_files(cfg: Config, accelerator: Accelerator, run_dir: Path, data: Data, resume: Resume | None, info: dict) -> None:
+    """config.yaml, class_indices.json and split.json: what `eval`, `predict` and a resume read back; run.json:
+    the world each segment of the run trained on (`flowerdist report` reads it).
 
     A resumed run's config.yaml also lists the changes made on resume, with the step they took effect."""
     if accelerator.is_main_process:
+        segments = json.loads((run_dir / "run.json").read_text()).get("segments", []) if resume and (run_dir / "run.json").is_file() else []
+        segment = {**info, "from_step": resume.step if resume else 0, "started": datetime.now().isoformat(timespec="seconds")}
+        (run_dir / "run.json").write_text(json.dumps({**segment, "segments": [*segments, segment]}, indent=1))
         save_config(cfg, run_dir / "config.yaml", resume.changes if resume else None, resume.step if resume else 0)
         (run_dir / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(data.classes)}, indent=1))
         save_split(run_dir / "split.json", data.index, data.train_idx, data.val_idx)
@@ -399,14 +419,16 @@ def build_model(cfg: Config, accelerator: Accelerator, num_classes: int, plan: P
 
 
 def run_info(accelerator: Accelerator, plan: Plan, run_dir: Path) -> dict[str, Any]:
-    """What W&B's config gets beside the flowerdist config: the world this run got."""
+    """The world this run got: in run.json and in W&B's config beside the flowerdist config."""
     return {
         "world_size": accelerator.num_processes,
         "num_machines": num_machines(accelerator),
         "global_batch": plan.global_batch,
         "peak_lr": plan.peak_lr,
+        "mixed_precision": accelerator.mixed_precision,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "run_dir": str(run_dir),
+        **describe_machine(accelerator.device.type),
     }
 
 

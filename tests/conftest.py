@@ -131,10 +131,12 @@ def launch(nprocs: int, *train_args: str, timeout: float = 600, port: int | None
 
 
 def resume_args(data, run_dir, *extra):
-    """The resume tests' run: 2 epochs of 20 steps (global batch 8), checkpoints every 7 steps, W&B offline."""
+    """The resume tests' run: 2 epochs of 20 steps (global batch 8), checkpoints every 7 steps, W&B offline,
+    the samples of every step recorded."""
     return (
         "-c", "configs/quickstart.yaml", f"data.root={data}", f"train.output_dir={run_dir}", *TINY, "log.wandb=offline",
-        "data.batch_size=8", "train.epochs=2", "train.checkpoint_every=7", "train.log_every=3", "train.keep_last=2", *extra,
+        "data.batch_size=8", "train.epochs=2", "train.checkpoint_every=7", "train.log_every=3", "train.keep_last=2",
+        "train.record_samples=true", *extra,
     )
 
 

@@ -268,3 +268,12 @@ def test_max_steps_ends_the_schedule(tiny_data, tmp_path):
     run_cli(*args(tiny_data, run, "train.max_steps=6", "train.log_every=1", "optim.warmup_steps=2"))
     lrs = [json.loads(line)["train/lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/lr" in line]
     assert len(lrs) == 6 and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine reached its floor at max_steps
+
+
+def test_a_run_copied_with_cp_r_resumes(done_run, tiny_data, tmp_path):
+    """`cp -r` follows the last/best links and leaves folders in their place; a resume must still work."""
+    copy = tmp_path / "copy"
+    shutil.copytree(done_run, copy)  # symlinks followed, as cp -r does
+    assert (copy / "checkpoints" / "last").is_dir() and not (copy / "checkpoints" / "last").is_symlink()
+    run_cli(*args(tiny_data, copy, "train.resume=auto", "train.max_steps=6"))
+    assert (copy / "checkpoints" / "last").is_symlink() and json.loads((copy / "result.json").read_text())["global_step"] == 6

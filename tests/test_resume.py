@@ -28,10 +28,11 @@ def logged_steps(run_dir):
     return [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()]
 
 
-def start(nprocs, train_args):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+def start(nprocs, train_args, threads=None):
+    """A training in processes of its own; `threads`: OMP_NUM_THREADS per process (accelerate sets 1 for several)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-m", "flowerdist", "train", *train_args] if nprocs == 1 else accelerate_cmd(nprocs, *train_args, port=free_port())
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def kill_after_a_checkpoint(proc, run_dir, rng):

@@ -165,3 +165,48 @@ def test_preempted_job_requeues_resumes_and_matches(cluster: ClusterInfo, tiny_d
     a = load_file(ref / "checkpoints" / "last" / "model.safetensors")
     b = load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), why
+
+
+def test_preempted_on_two_nodes_resumes_on_one(cluster: ClusterInfo, tiny_data: Path, tmp_path: Path) -> None:
+    """2 nodes x 1 process, preempted (USR1), then resubmitted on 1 node x 1 process with train.resume: the
+    accumulation keeps the global batch and the run ends with the uninterrupted 2-process run's weights."""
+    import json
+    import time
+
+    from safetensors.torch import load_file
+
+    from test_distributed import assert_same_weights, train_args
+    from test_layouts import LAYOUT_RUN, finished, samples_per_step
+    from test_resume import start
+
+    run_dir, ref = tmp_path / "run", tmp_path / "ref"
+    args = [*train_args(tiny_data, run_dir, *LAYOUT_RUN, "train.max_steps=30", "train.checkpoint_every=0")][1:]  # drop -c
+    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    job = cluster.submit("slurm/multi_node.sbatch", args, env=env, cwd=REPO,
+                         sbatch_args=["--nodes=2", f"--output={tmp_path}/%x-%j.out"])
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and max((json.loads(l)["step"] for l in metrics.read_text().splitlines() if l) if metrics.is_file() else [0], default=0) < 3:
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)
+    while time.monotonic() < deadline and not list((run_dir / "checkpoints").glob("step-*")):
+        time.sleep(0.1)
+    while time.monotonic() < deadline:  # the ranks exit after their checkpoint and the batch shell requeues the job
+        state = subprocess.run(["scontrol", "show", "job", "-o", job], env=cluster.env, capture_output=True, text=True).stdout
+        if "Restarts=1" in state or "JobState=PENDING" in state:
+            break
+        time.sleep(0.1)
+    subprocess.run(["scancel", job], env=cluster.env, check=True)  # ...which this test resubmits on 1 node instead
+    (stopped,) = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    assert 3 <= stopped < 30
+    end = f"train.max_steps={stopped + 2}"
+    reference = start(2, train_args(tiny_data, ref, *LAYOUT_RUN, end, "train.checkpoint_every=0"), threads=1)
+    info, log = _run_job(cluster, tmp_path, "slurm/single_node.sbatch",
+                         [*args, f"train.output_dir={run_dir}", "train.resume=auto", end], env)
+    finished(reference)
+    why = _describe(info, log, cluster)
+    assert info["JobState"] == "COMPLETED", why
+    assert "world_size=1" in log and "train.grad_accum_steps=2 keeps the global batch 8 = 4 per device x 1 processes x 2" in log, why
+    assert samples_per_step(run_dir) == samples_per_step(ref)
+    assert_same_weights(load_file(run_dir / "checkpoints" / "last" / "model.safetensors"),
+                        load_file(ref / "checkpoints" / "last" / "model.safetensors"))

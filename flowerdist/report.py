@@ -1,0 +1,249 @@
+"""`flowerdist report RUN_DIR [RUN_DIR ...] [--out DIR]`: a table and figures from run directories alone.
+
+It reads what a run writes (config.yaml, metrics.jsonl, run.json, result.json, split.json and the best
+checkpoint); no W&B and no network. Runs that differ only in `train.seed` form one row of mean ± std.
+A run still in progress, or cut short, is reported with what it has, and marked so.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowerdist.config import Config, config_from_dict
+from flowerdist.errors import FlowerdistError
+
+#: Keys that do not make another experiment: runs differing only in these are seeds of one row.
+NOT_THE_EXPERIMENT = ("train.seed", "train.output_dir", "train.resume", "train.overwrite", "train.resume_override", "name", "log.", "data.num_workers",
+                      "data.prefetch_factor", "data.cache", "train.record_samples", "train.checkpoint_every", "train.keep_last")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: Config
+    events: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)  # run.json: the world it trained on
+    result: dict[str, Any] | None = None  # result.json: present when the run ended normally
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def epochs(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if "val/accuracy" in e]
+
+    @property
+    def best_key(self) -> str:
+        return "val_ema/accuracy" if self.config.train.best_of == "ema" else "val/accuracy"
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return max(self.epochs, key=lambda e: e.get(self.best_key, e["val/accuracy"]), default=None)
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        return self.epochs[-1] if self.epochs else None
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads((self.path / "split.json").read_text())["classes"] if (self.path / "split.json").is_file() else []
+
+    @property
+    def global_batch(self) -> int:
+        world = self.info.get("world_size", 1)
+        return self.info.get("global_batch") or self.config.data.batch_size * world * self.config.train.grad_accum_steps
+
+    @property
+    def status(self) -> str:
+        if self.result is not None:
+            return "finished"
+        last = max((e["step"] for e in self.events), default=0)
+        return f"in progress or cut short (step {last}, epoch {len(self.epochs)} of {self.config.train.epochs})"
+
+    def minutes(self) -> dict[int, float]:
+        """Training minutes at every logged step, from each log window's steps, global batch and images/s."""
+        out, total, previous = {0: 0.0}, 0.0, 0
+        for e in self.events:
+            if e.get("train/images_per_s") and e["step"] > previous:
+                total += (e["step"] - previous) * self.global_batch / e["train/images_per_s"] / 60
+                previous = e["step"]
+            out[e["step"]] = total
+        return out
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "config.yaml").is_file() or not (path / "metrics.jsonl").is_file():
+        raise FlowerdistError(f"{path} is not a flowerdist run directory (it needs config.yaml and metrics.jsonl); pass RUN_DIR of a run")
+    data = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    data.pop("resumed_changes", None)
+    events = []
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:  # a line being written by a live run
+            pass
+    info = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
+    result = json.loads((path / "result.json").read_text()) if (path / "result.json").is_file() else None
+    return Run(path, config_from_dict(data, where=str(path / "config.yaml")), events, info, result)
+
+
+def experiment_key(run: Run) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in run.config.flat().items() if not k.startswith(NOT_THE_EXPERIMENT)))
+
+
+def group_by_seed(runs: Sequence[Run]) -> list[list[Run]]:
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(experiment_key(run), []).append(run)
+    return list(groups.values())
+
+
+def parameters(run: Run) -> int | None:
+    """Parameter count of the run's model, built on the meta device (no memory, no download)."""
+    import torch
+
+    from flowerdist.models import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(run.config.model.name, max(2, len(run.classes)), shortcut=run.config.model.shortcut,
+                                 image_size=run.config.data.image_size, init_weights=False)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # an architecture this flowerdist cannot build: leave the cell empty
+        return None
+
+
+def _mean_std(values: Sequence[float], fmt: str = "{:.3f}") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if len(values) == 1 or len(set(values)) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def row(group: list[Run]) -> dict[str, str]:
+    """One table row: the group's shared settings and mean ± std of its measurements."""
+    first = group[0]
+    cfg, n = first.config, len(group)
+    best = [r.best.get(r.best_key, r.best["val/accuracy"]) if r.best else None for r in group]
+    final = [r.final["val/accuracy"] if r.final else None for r in group]
+    classes = first.classes
+    per_class = " / ".join(
+        f"{c} {_mean_std([r.final.get(f'val/accuracy/{c}') for r in group if r.final], '{:.2f}')}" for c in classes
+    )
+    params = parameters(first)
+    waits = [statistics.mean(w) for r in group if (w := [e["train/data_wait"] for e in r.events if "train/data_wait" in e])]
+    rates = [statistics.mean(v) for r in group if (v := [e["epoch/images_per_s"] for e in r.epochs if "epoch/images_per_s" in e])]
+    return {
+        "run": ", ".join(r.name for r in group) + (f" (n={n}, seeds {', '.join(str(r.config.train.seed) for r in group)})" if n > 1 else ""),
+        "model": cfg.model.name,
+        "shortcut": cfg.model.shortcut if cfg.model.name.startswith("resnet") else "",
+        "parameters": f"{params / 1e6:.2f} M" if params else "",
+        "epochs": _mean_std([len(r.epochs) for r in group], "{:.0f}") + f" of {cfg.train.epochs}",
+        "global batch": str(first.global_batch),
+        "world size": str(first.info.get("world_size", "")),
+        "device": first.info.get("device", ""),
+        "best val acc": _mean_std(best),
+        "final val acc": _mean_std(final),
+        "per-class acc (final)": per_class,
+        "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.1f}"),
+        "images/s": _mean_std(rates, "{:.1f}"),
+        "data wait": _mean_std([100 * w for w in waits], "{:.1f}") + ("%" if waits else ""),
+        "status": "; ".join(sorted({r.status for r in group})),
+    }
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join(" --- " for _ in keys) + "|"]
+    lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def default_out(paths: Sequence[Path]) -> Path:
+    return paths[0] / "report" if len(paths) == 1 else Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log=print) -> Path:
+    """report.md and its PNG figures in `out`; returns the report's path."""
+    from flowerdist import figures
+
+    runs = [load_run(p) for p in paths]
+    out = Path(out) if out else default_out([r.path for r in runs])
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_by_seed(runs)
+    lines = [f"# flowerdist report: {len(runs)} run(s), {len(groups)} row(s)", "", f"Written {datetime.now():%Y-%m-%d %H:%M} from the run directories alone.", ""]
+    lines += [markdown_table([row(g) for g in groups]), ""]
+    names = {r.name for r in runs}  # two runs called `run` in different folders are labelled with their parent too
+    label = {id(r): (r.name if len(names) == len(runs) else f"{r.path.parent.name}/{r.name}") for r in runs}
+    with_data = [r for r in runs if r.events]
+    figures.save(figures.curves_figure({label[id(r)]: r.events for r in with_data}, {label[id(r)]: r.minutes() for r in with_data}), out / "curves.png")
+    figures.save(figures.throughput_figure({label[id(r)]: r.events for r in with_data}), out / "throughput.png")
+    lines += ["## Curves", "", "![loss and accuracy](curves.png)", "", "## Throughput", "", "![images/s and data wait](throughput.png)", ""]
+    finals = [r for r in runs if r.final]
+    if finals:
+        classes = finals[0].classes
+        bars = [[r.final.get(f"val/accuracy/{c}", 0.0) for c in classes] for r in finals]
+        figures.save(figures.per_class_figure([label[id(r)] for r in finals], classes, bars), out / "per_class.png")
+        lines += ["## Per-class accuracy (final epoch)", "", "![per-class accuracy](per_class.png)", ""]
+    for r in runs:
+        lines += run_figures(r, label[id(r)], out, log)
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    log(f"report: {report} ({len(runs)} run(s)); figures beside it")
+    return report
+
+
+def run_figures(run: Run, name: str, out: Path, log) -> list[str]:
+    """The confusion matrix of the best epoch and the mistakes grid of one run (markdown lines)."""
+    from flowerdist import figures
+
+    lines = [f"## {name}: {run.status}", ""]
+    best = run.best
+    safe = name.replace("/", "_")
+    if best is not None and run.classes:
+        prefix = "val_ema" if run.best_key.startswith("val_ema") else "val"
+        figures.save(figures.confusion_figure(best[f"{prefix}/confusion"], run.classes, f"{name}, best epoch (step {best['step']})"),
+                     out / f"confusion-{safe}.png")
+        lines += [f"![confusion matrix of {name}](confusion-{safe}.png)", ""]
+    try:
+        grid = mistakes_grid(run)
+    except FlowerdistError as err:
+        log(f"report: no mistakes grid for {name}: {err}")
+        lines += [f"(no mistakes grid: {err})", ""]
+    else:
+        figures.save(grid, out / f"mistakes-{safe}.png")
+        lines += [f"![validation images, mistakes first, of {name}](mistakes-{safe}.png)", ""]
+    return lines
+
+
+def mistakes_grid(run: Run, count: int = 24):
+    """Validation images of the run's split through its best checkpoint: mistakes first (needs both)."""
+    from flowerdist import figures
+    from flowerdist.checkpoint import resolve_checkpoint
+    from flowerdist.data.folder import load_split, scan_folder
+    from flowerdist.inference import predict_indices
+
+    if not (run.path / "checkpoints").is_dir():
+        raise FlowerdistError("the run has no checkpoint yet")
+    ckpt = resolve_checkpoint(run.path)
+    root = Path(run.config.data.root)
+    if not root.is_dir():
+        raise FlowerdistError(f"its data folder {root} is not here")
+    index = scan_folder(root)
+    _, val = load_split(run.path / "split.json", index)
+    images, true, pred, prob = predict_indices(ckpt, index, val[:300])
+    order = sorted(range(len(true)), key=lambda i: (true[i] == pred[i], prob[i] if true[i] == pred[i] else -prob[i]))[:count]
+    pick = lambda xs: [xs[i] for i in order]  # noqa: E731
+    return figures.mistakes_figure(pick(images), pick(true), pick(pred), pick(prob), run.classes, title=f"{run.name}: {ckpt.name}")

@@ -1,0 +1,152 @@
+"""Results people look at: `flowerdist report` (table + figures, offline), pictures in W&B,
+`predict --plot`, and `flowerdist export` with its parity check."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, TINY, run_cli
+from wandb_offline import history
+
+pytestmark = pytest.mark.slow
+
+
+def short_run(data, run, *extra):
+    run_cli("train", "-c", "configs/quickstart.yaml", f"data.root={data}", f"train.output_dir={run}", *TINY,
+            "train.epochs=2", "log.wandb=disabled", *extra)
+    return run
+
+
+@pytest.fixture(scope="module")
+def three_runs(tiny_data, tmp_path_factory):
+    """Two seeds of one config and one other config."""
+    root = tmp_path_factory.mktemp("report_runs")
+    return [short_run(tiny_data, root / "seed0", "train.seed=0"), short_run(tiny_data, root / "seed1", "train.seed=1"),
+            short_run(tiny_data, root / "resnet", "model.name=resnet18", "data.image_size=32", "model.shortcut=A")]
+
+
+def epochs(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val/accuracy" in line]
+
+
+def table(report):
+    lines = [line for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    keys = [k.strip() for k in lines[0].strip("|").split("|")]
+    return [dict(zip(keys, (v.strip() for v in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+def test_report_of_one_run(three_runs):
+    run = three_runs[0]
+    proc = run_cli("report", str(run))
+    report = run / "report" / "report.md"
+    assert f"report: {report}" in proc.stdout
+    (row,) = table(report)
+    accs = [e["val/accuracy"] for e in epochs(run)]
+    assert row["best val acc"] == f"{max(accs):.3f}" and row["final val acc"] == f"{accs[-1]:.3f}"
+    assert row["model"] == "seed_resnet" and row["epochs"] == "2 of 2" and row["global batch"] == "16" and row["world size"] == "1"
+    assert row["device"] == "cpu" and row["status"] == "finished" and row["parameters"].endswith(" M")
+    last = epochs(run)[-1]
+    assert f"tulips {last['val/accuracy/tulips']:.2f}" in row["per-class acc (final)"]
+    minutes = sum(e["epoch/seconds"] for e in epochs(run)) / 60
+    assert abs(float(row["training minutes"]) - minutes) < max(0.05, 0.3 * minutes)  # from the log windows, eval excluded
+    for name in ("curves.png", "throughput.png", "per_class.png", "confusion-seed0.png", "mistakes-seed0.png"):
+        assert (run / "report" / name).is_file() and f"({name})" in report.read_text(), name
+        assert Image.open(run / "report" / name).size[0] > 300
+
+
+def test_report_of_three_runs_groups_seeds(three_runs, tmp_path):
+    out = tmp_path / "three"
+    run_cli("report", *map(str, three_runs), "--out", str(out))
+    rows = table(out / "report.md")
+    assert len(rows) == 2
+    seeds = next(r for r in rows if "n=2, seeds 0, 1" in r["run"])
+    best = [max(e["val/accuracy"] for e in epochs(r)) for r in three_runs[:2]]
+    assert seeds["best val acc"] == f"{statistics.mean(best):.3f} ± {statistics.stdev(best):.3f}"
+    other = next(r for r in rows if r is not seeds)
+    assert other["model"] == "resnet18" and other["shortcut"] == "A" and "±" not in other["best val acc"]
+    assert len(list(out.glob("confusion-*.png"))) == 3
+
+
+def test_report_marks_a_run_cut_short_and_refuses_a_folder_that_is_not_a_run(three_runs, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(three_runs[0], cut)
+    (cut / "result.json").unlink()
+    run_cli("report", str(cut))
+    (row,) = table(cut / "report" / "report.md")
+    assert row["status"].startswith("in progress or cut short")
+    proc = run_cli("report", str(tmp_path / "nothing"), check=False)
+    assert proc.returncode == 2 and "is not a flowerdist run directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(three_runs[0], moved)
+    config = (moved / "config.yaml").read_text().replace(str(three_runs[0].parent.parent), str(tmp_path / "gone"))
+    (moved / "config.yaml").write_text(config)
+    out = run_cli("report", str(moved)).stdout
+    assert "no mistakes grid for moved: its data folder" in out
+    assert not (moved / "report" / "mistakes-moved.png").exists() and (moved / "report" / "confusion-moved.png").is_file()
+
+
+def test_wandb_gets_the_confusion_matrix_and_mistakes_as_images(trained_run):
+    rows = [r for path in trained_run.glob("wandb/offline-run-*/run-*.wandb") for r in history(path)]
+    images = [r for r in rows if r.get("val/confusion_matrix/_type") == "image-file"]
+    assert images and all(r.get("val/mistakes/_type") == "image-file" for r in images)
+    accs = [e["val/accuracy"] for e in epochs(trained_run)]
+    improved = sum(a > max(accs[:i], default=-1) for i, a in enumerate(accs))
+    last_is_best = accs[-1] > max(accs[:-1])
+    assert len(images) == improved + (0 if last_is_best else 1)  # each new best, and the end
+    media = list(trained_run.glob("wandb/offline-run-*/files/media/images/val/*.png"))
+    assert len(media) == 2 * len(images)
+
+
+def test_predict_plot_writes_the_picture(trained_run, tiny_data, tmp_path):
+    images = [str(tiny_data / "roses" / f"roses_{i:05d}.jpg") for i in range(4)]
+    run_cli("predict", "--checkpoint", str(trained_run), "--topk", "3", "--plot", str(tmp_path / "p.png"), *images)
+    width, height = Image.open(tmp_path / "p.png").size
+    assert 1000 < width < 1700 and 500 < height < 850  # a grid of 3 columns x 2 rows (4.4 x 3.2 in each at 110 dpi)
+    run_cli("predict", "--checkpoint", str(trained_run), "--plot", str(tmp_path / "one.png"), images[0])
+    assert Image.open(tmp_path / "one.png").size[0] < width
+    proc = run_cli("predict", "--checkpoint", str(trained_run), "--plot", str(tmp_path / "p.jpg"), images[0], check=False)
+    assert proc.returncode == 2 and "must name a .png file" in proc.stderr
+
+
+@pytest.mark.parametrize("model, fmt", [("seed_resnet", "onnx"), ("resnet18-A", "onnx"), ("timm/resnet18", "onnx"),
+                                        ("resnet18-A", "torchscript")])
+def test_export_parity(tiny_data, tmp_path, trained_run, model, fmt):
+    if model == "seed_resnet":
+        run = trained_run
+    else:
+        name, _, shortcut = model.partition("-")
+        run = short_run(tiny_data, tmp_path / "run", f"model.name={name}", "data.image_size=32", "train.epochs=1",
+                        "train.max_steps=3", *([f"model.shortcut={shortcut}"] if shortcut else []))
+    out = tmp_path / f"model.{fmt}"
+    text = run_cli("export", "--checkpoint", str(run), "--format", fmt, "--out", str(out)).stdout
+    assert "largest logit difference against PyTorch on 8 validation images" in text
+    diff = float(re.search(r"largest logit difference .*: (\S+)$", text.strip()).group(1))
+    assert diff <= 1e-4
+    sidecar = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+    assert sidecar["classes"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"] and sidecar["format"] == fmt
+    assert sidecar["mean"] == [0.485, 0.456, 0.406] and sidecar["resize"]["short_side"] >= sidecar["input"]["shape"][2]
+    assert out.stat().st_size > 10_000
+    if fmt == "onnx":
+        import onnx
+
+        graph = onnx.load(str(out)).graph
+        assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+
+
+def test_export_without_onnx_names_the_extra(trained_run, tmp_path):
+    code = ("import sys; sys.modules['onnxruntime'] = None; from flowerdist.cli import main; "
+            f"sys.exit(main(['export', '--checkpoint', {str(trained_run)!r}, '--format', 'onnx', '--out', {str(tmp_path / 'm.onnx')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "pip install 'flowerdist[export]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
