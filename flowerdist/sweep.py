@@ -10,6 +10,9 @@ A sweep file names a base config, overrides for every cell, the grid, and where 
     output_dir: runs/experiments/depth
     variants:                    # optional: `--variant cpu` adds these overrides
       cpu: [data.image_size=96, train.epochs=12]
+      quick:                     # or overrides and grid entries that replace the sweep's
+        overrides: [train.epochs=3]
+        grid: {train.seed: [0]}
 
 Cell `name=resnet34,seed=1` trains in `<output_dir>/name=resnet34,seed=1` with `train.resume=auto`.
 A finished cell (it has `result.json`) is skipped and a half-finished one resumes, so an
@@ -65,13 +68,23 @@ def load_sweep(path: str | Path, variant: str | None = None, extra: Sequence[str
     unknown = set(spec) - {"config", "overrides", "grid", "output_dir", "variants"}
     if not isinstance(spec, dict) or unknown or "grid" not in spec or "config" not in spec:
         raise FlowerdistError(f"sweep file {path} needs `config:` and `grid:` (optional: overrides, output_dir, variants); got {sorted(spec)}")
-    grid: dict[str, list] = spec["grid"]
-    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise FlowerdistError(f"`grid:` in {path} must map config keys to non-empty lists of values")
     variants = spec.get("variants") or {}
     if variant is not None and variant not in variants:
         raise FlowerdistError(f"sweep file {path} has no variant '{variant}'; choose one of {sorted(variants) or 'none (drop --variant)'}")
-    base = [*map(str, spec.get("overrides") or []), *map(str, variants.get(variant) or []), *extra]
+    chosen = variants.get(variant) or []
+    if isinstance(chosen, dict):  # {overrides: [...], grid: {key: [...]}}: the grid entries replace the sweep's
+        if set(chosen) - {"overrides", "grid"} or not isinstance(chosen.get("grid", {}), dict):
+            raise FlowerdistError(f"variant '{variant}' in {path} is a list of overrides or a mapping with `overrides:` and `grid:`")
+        unknown_keys = set(chosen.get("grid", {})) - set(spec["grid"] or {})
+        if unknown_keys:
+            raise FlowerdistError(f"variant '{variant}' in {path} replaces grid keys the sweep does not have: {sorted(unknown_keys)}")
+        grid = {**spec["grid"], **chosen.get("grid", {})}
+        chosen = chosen.get("overrides") or []
+    else:
+        grid = spec["grid"]
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise FlowerdistError(f"`grid:` in {path} must map config keys to non-empty lists of values")
+    base = [*map(str, spec.get("overrides") or []), *map(str, chosen), *extra]
     out = Path(spec.get("output_dir") or f"runs/sweeps/{path.stem}") / (variant or "")
     cells = []
     for values in itertools.product(*grid.values()):
@@ -116,12 +129,13 @@ def submit_array(path: str, variant: str | None, extra: Sequence[str], cells: li
     if not todo:
         print("sweep: nothing to submit, every cell is done", flush=True)
         return cells
-    Path("logs").mkdir(exist_ok=True)
+    logs = cells[0].run_dir.parent / "slurm-logs"  # beside the cells (sbatch does not create the folder)
+    logs.mkdir(parents=True, exist_ok=True)
     sweep = ["--sweep", str(path), *(["--variant", variant] if variant else []), *extra]
-    cmd = ["sbatch", "--parsable", f"--array={','.join(todo)}", "--output=logs/%x-%A_%a.out", "slurm/single_node.sbatch", *sweep]
+    cmd = ["sbatch", "--parsable", f"--array={','.join(todo)}", f"--output={logs}/%x-%A_%a.out", "slurm/single_node.sbatch", *sweep]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise FlowerdistError(f"sbatch failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}); submit from the repo root on a Slurm login node")
-    print(f"sweep: submitted job array {done.stdout.strip()} ({len(todo)} cells)", flush=True)
+    print(f"sweep: submitted job array {done.stdout.strip()} ({len(todo)} cells; logs in {logs})", flush=True)
     print(json.dumps({"job": done.stdout.strip(), "cells": todo}), flush=True)
     return cells

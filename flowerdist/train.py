@@ -5,7 +5,7 @@ The same code runs as one CPU process (`flowerdist train`) and under `accelerate
 torchrun or Slurm on many GPUs and nodes:
 
     flowerdist train -c configs/quickstart.yaml
-    accelerate launch --config_file launch/multi_gpu.yaml -m flowerdist train -c configs/resnet50.yaml
+    accelerate launch --config_file launch/multi_gpu.yaml -m flowerdist train -c configs/flowers/resnet50_gpu.yaml
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no -m flowerdist train -c configs/quickstart.yaml
 
@@ -84,6 +84,13 @@ class Plan:
         total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         return cls(global_batch, sampler.steps_per_epoch, total, scaled_lr(cfg.optim, global_batch))
 
+    def describe(self, cfg: Config, world: int, data: Data) -> str:
+        return (
+            f"flowerdist: global batch {self.global_batch} = {cfg.data.batch_size} per device x {world} processes x "
+            f"{cfg.train.grad_accum_steps} accumulation; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps; "
+            f"peak lr {self.peak_lr:.3g}; {len(data.train_idx)} train / {len(data.val_idx)} val images, classes {list(data.classes)}"
+        )
+
 
 @dataclass
 class Data:
@@ -122,12 +129,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         accelerator.gradient_accumulation_steps = cfg.train.grad_accum_steps  # derived on another layout
     data = build_data(cfg, accelerator, resume)
     plan = Plan.of(cfg, accelerator.num_processes, data.sampler)
-    say(
-        accelerator,
-        f"flowerdist: global batch {plan.global_batch} = {cfg.data.batch_size} per device x {accelerator.num_processes} processes x "
-        f"{cfg.train.grad_accum_steps} accumulation; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps; "
-        f"peak lr {plan.peak_lr:.3g}; {len(data.train_idx)} train / {len(data.val_idx)} val images, classes {list(data.classes)}",
-    )
+    say(accelerator, plan.describe(cfg, accelerator.num_processes, data))
     write_run_files(cfg, accelerator, run_dir, data, resume, run_info(accelerator, plan, run_dir))
     model, optimizer, scheduler = build_model(cfg, accelerator, len(data.classes), plan)
     ema = build_ema(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
@@ -146,12 +148,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
                 "grad_accum_steps": cfg.train.grad_accum_steps, "global_batch": plan.global_batch},
     )
     if resume is not None:
-        ckpt.restore(resume, cfg.train.seed)
-        say(accelerator, f"flowerdist: resuming from {resume.checkpoint} (epoch {state.epoch}, step {state.global_step})")
-        if accelerator.is_main_process:  # what was logged after the checkpoint will be logged again
-            for log in [run_dir / "metrics.jsonl", *(run_dir / "samples").glob("rank*.jsonl")]:
-                truncate_jsonl(log, state.global_step)
-            record_changes(run_dir, resume)
+        continue_run(accelerator, ckpt, resume, cfg.train.seed, state)
     accelerator.wait_for_everyone()
 
     closing.enter_context(logger.start(cfg, run_info(accelerator, plan, run_dir), replay_to=state.global_step if resume else None))
@@ -198,6 +195,17 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         result.write()
     say(accelerator, f"flowerdist: done; best val_acc {state.best_accuracy:.4f}; run directory {run_dir}")
     return result
+
+
+def continue_run(accelerator: Accelerator, ckpt: Checkpointer, resume, seed: int, state: TrainState) -> None:
+    """Load the checkpoint into every stateful part, and cut the logs back to its step (what came after is redone)."""
+    ckpt.restore(resume, seed)
+    say(accelerator, f"flowerdist: resuming from {resume.checkpoint} (epoch {state.epoch}, step {state.global_step})")
+    if accelerator.is_main_process:
+        run_dir = ckpt.root.parent
+        for log in [run_dir / "metrics.jsonl", *(run_dir / "samples").glob("rank*.jsonl")]:
+            truncate_jsonl(log, state.global_step)
+        record_changes(run_dir, resume)
 
 
 def train_step(accelerator, model, optimizer, scheduler, criterion, images, labels, clip_grad_norm: float) -> torch.Tensor:

@@ -5,7 +5,7 @@
 # batch by deriving train.grad_accum_steps. Tested on one machine with two agents over loopback
 # (tests/test_elastic.py).
 #
-#   HEAD=node1 MIN=1 MAX=4 GPUS=8 bash launch/elastic.sh configs/resnet50.yaml train.output_dir=runs/elastic
+#   HEAD=node1 MIN=1 MAX=4 GPUS=8 bash launch/elastic.sh configs/flowers/resnet50_gpu.yaml train.output_dir=runs/elastic
 #
 # - train.output_dir must be on storage every node sees, and the same on every node; train.resume=auto is added.
 # - train.checkpoint_every bounds the work a lost node costs (steps since the last checkpoint); a ResNet-50

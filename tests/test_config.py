@@ -4,7 +4,8 @@ from flowerdist.config import Config, apply_overrides, load_config
 from flowerdist.errors import FlowerdistError
 from pathlib import Path
 
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "experiments")
 
 
 def test_precedence_defaults_then_yaml_then_cli(tmp_path):
@@ -25,7 +26,10 @@ def test_shipped_configs_load(path):
 
 
 def test_shipped_config_set():
-    assert {p.stem for p in CONFIGS} >= {"quickstart", "seed_resnet", "resnet18", "resnet50", "timm_resnet50"}
+    assert {str(p.relative_to(REPO / "configs")) for p in CONFIGS} >= {
+        "quickstart.yaml", "flowers/tutorial.yaml", "flowers/resnet18_cpu.yaml", "flowers/resnet18_gpu.yaml",
+        "flowers/resnet50_gpu.yaml", "flowers/timm_resnet50_pretrained.yaml",
+    }
 
 
 @pytest.mark.parametrize(
@@ -69,3 +73,15 @@ def test_bool_and_float_parsing():
     cfg = apply_overrides(Config(), ["log.progress=false", "optim.lr=3e-4", "optim.weight_decay=0"])
     assert cfg.log.progress is False and cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 0.0
     assert Config().flat()["optim.lr"] == 1e-3
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "experiments").glob("*.yaml")))
+def test_every_experiment_has_seeds_and_a_cpu_variant(path):
+    """`flowerdist sweep FILE --variant cpu` validates every cell's config; each experiment repeats seeds."""
+    from flowerdist.sweep import load_sweep
+
+    full, cpu = load_sweep(REPO / path), load_sweep(REPO / path, "cpu")
+    for cells in (full, cpu):
+        seeds = {o for c in cells for o in c.overrides if o.startswith("train.seed=")}
+        assert len(seeds) >= 2 and len({c.run_dir for c in cells}) == len(cells)
+    assert all("train.cpu=true" in c.overrides for c in cpu) and len(cpu) < len(full)

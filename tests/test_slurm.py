@@ -210,3 +210,34 @@ def test_preempted_on_two_nodes_resumes_on_one(cluster: ClusterInfo, tiny_data: 
     assert samples_per_step(run_dir) == samples_per_step(ref)
     assert_same_weights(load_file(run_dir / "checkpoints" / "last" / "model.safetensors"),
                         load_file(ref / "checkpoints" / "last" / "model.safetensors"))
+
+
+def test_sweep_submits_one_job_array_and_skips_done_cells(cluster: ClusterInfo, tiny_data: Path, tmp_path: Path) -> None:
+    """`flowerdist sweep FILE --slurm`: one array, a task per cell, each an ordinary run directory; a second
+    submission finds every cell done and submits nothing."""
+    import json
+    import time
+
+    import yaml
+    from test_sweep import sweep_file
+
+    path = sweep_file(tmp_path, tiny_data, overrides=[f"data.root={tiny_data}", "data.synthetic=false", "data.image_size=32",
+                                                       "data.batch_size=16", "log.wandb=disabled", "log.progress=false", "train.epochs=1"])
+    env = {**cluster.env, "FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "1", "HF_HUB_OFFLINE": "1"}
+    sweep = [sys.executable, "-m", "flowerdist", "sweep", str(path), "--slurm"]
+    out = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    submitted = json.loads(out.stdout.strip().splitlines()[-1])
+    assert submitted["cells"] == ["0", "1"], out.stdout
+    cells = [tmp_path / "sweep" / name for name in ("seed=0,lr=0.002", "seed=1,lr=0.002")]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not all((c / "result.json").is_file() for c in cells):
+        time.sleep(0.5)
+    logs = sorted((tmp_path / "sweep" / "slurm-logs").glob("*.out"))
+    why = "\n".join(p.read_text(errors="replace")[-3000:] for p in logs) + cluster.logs(20)
+    assert all((c / "result.json").is_file() for c in cells), why
+    assert len(logs) == 2 and all(f"_{i}.out" in p.name for i, p in enumerate(logs)), why  # task i = cell i
+    assert [yaml.safe_load((c / "config.yaml").read_text())["train"]["seed"] for c in cells] == [0, 1], why
+    again = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "nothing to submit, every cell is done" in again.stdout, again.stdout + again.stderr
+    assert not list((REPO / "logs").glob(f"*-{submitted['job']}_*"))  # the logs stay beside the cells, not in the repo

@@ -23,7 +23,7 @@ def sweep_file(tmp_path, data, **extra):
         "overrides": [f"data.root={data}", *TINY, "train.epochs=2", "train.checkpoint_every=5", "train.log_every=1"],
         "grid": {"train.seed": [0, 1], "optim.lr": [0.002]},
         "output_dir": str(tmp_path / "sweep"),
-        "variants": {"short": ["train.epochs=1"]},
+        "variants": {"short": ["train.epochs=1"], "one": {"overrides": ["train.epochs=1"], "grid": {"train.seed": [5]}}},
         **extra,
     }
     path = tmp_path / "grid.yaml"
@@ -39,6 +39,8 @@ def test_cells_are_the_grid_product_with_their_own_run_directories(tiny_data, tm
     assert "train.seed=1" in cells[1].overrides and "train.resume=auto" in cells[1].overrides
     short = load_sweep(path, "short")
     assert short[0].run_dir == tmp_path / "sweep" / "short" / "seed=0,lr=0.002" and "train.epochs=1" in short[0].overrides
+    one = load_sweep(path, "one")
+    assert [c.name for c in one] == ["seed=5,lr=0.002"] and "train.epochs=1" in one[0].overrides
     out = run_cli("sweep", str(path), "--dry-run").stdout
     assert "cell 0 seed=0,lr=0.002: to run" in out and "cell 1 seed=1,lr=0.002: to run" in out
     assert run_cli("sweep", str(path), "--cell", "1").stdout.split() == ["configs/quickstart.yaml", *cells[1].overrides]
@@ -59,7 +61,7 @@ def test_bad_sweep_files_fail_in_one_line_before_any_cell_runs(tiny_data, tmp_pa
 
 
 def test_unknown_variant_names_the_choices(tiny_data, tmp_path):
-    with pytest.raises(FlowerdistError, match=r"no variant 'cpu'; choose one of \['short'\]"):
+    with pytest.raises(FlowerdistError, match=r"no variant 'cpu'; choose one of \['one', 'short'\]"):
         load_sweep(sweep_file(tmp_path, tiny_data), "cpu")
 
 
