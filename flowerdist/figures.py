@@ -76,6 +76,10 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
         axes[0, 1].plot([e["step"] for e in vals], [e["val/accuracy"] for e in vals], "o-", color=color, ms=3, label=name)
         axes[1, 0].plot([at[e["step"]] for e in losses], [e["train/loss"] for e in losses], color=color, lw=1.2, label=name)
         axes[1, 1].plot([at[e["step"]] for e in vals], [e["val/accuracy"] for e in vals], "o-", color=color, ms=3, label=name)
+        emas = [e for e in vals if "val_ema/accuracy" in e]
+        if emas:  # the EMA's accuracy beside the raw weights', dashed
+            axes[0, 1].plot([e["step"] for e in emas], [e["val_ema/accuracy"] for e in emas], "--", color=color, lw=1.2, label=f"{name} (EMA)")
+            axes[1, 1].plot([at[e["step"]] for e in emas], [e["val_ema/accuracy"] for e in emas], "--", color=color, lw=1.2)
     for ax, (x, y) in zip(axes.flat, [("optimizer step", "training loss"), ("optimizer step", "validation accuracy"),
                                      ("training minutes", "training loss"), ("training minutes", "validation accuracy")]):
         ax.set_xlabel(x)

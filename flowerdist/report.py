@@ -137,10 +137,11 @@ def row(group: list[Run]) -> dict[str, str]:
     first = group[0]
     cfg, n = first.config, len(group)
     best = [r.best.get(r.best_key, r.best["val/accuracy"]) if r.best else None for r in group]
-    final = [r.final["val/accuracy"] if r.final else None for r in group]
-    classes = first.classes
+    final = [r.final.get(r.best_key, r.final["val/accuracy"]) if r.final else None for r in group]
+    classes, prefix = first.classes, first.best_key.removesuffix("/accuracy")
     per_class = " / ".join(
-        f"{c} {_mean_std([r.final.get(f'val/accuracy/{c}') for r in group if r.final], '{:.2f}')}" for c in classes
+        f"{c} {_mean_std([r.final.get(f'{prefix}/accuracy/{c}', r.final.get(f'val/accuracy/{c}')) for r in group if r.final], '{:.2f}')}"
+        for c in classes
     )
     params = parameters(first)
     waits = [statistics.mean(w) for r in group if (w := [e["train/data_wait"] for e in r.events if "train/data_wait" in e])]
@@ -154,6 +155,7 @@ def row(group: list[Run]) -> dict[str, str]:
         "global batch": str(first.global_batch),
         "world size": str(first.info.get("world_size", "")),
         "device": first.info.get("device", ""),
+        "weights": "EMA" if prefix == "val_ema" else "model",  # what the accuracies below are of (train.best_of)
         "best val acc": _mean_std(best),
         "final val acc": _mean_std(final),
         "per-class acc (final)": per_class,

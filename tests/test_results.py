@@ -30,7 +30,8 @@ def three_runs(tiny_data, tmp_path_factory):
     """Two seeds of one config and one other config."""
     root = tmp_path_factory.mktemp("report_runs")
     return [short_run(tiny_data, root / "seed0", "train.seed=0"), short_run(tiny_data, root / "seed1", "train.seed=1"),
-            short_run(tiny_data, root / "resnet", "model.name=resnet18", "data.image_size=32", "model.shortcut=A")]
+            short_run(tiny_data, root / "resnet", "model.name=resnet18", "data.image_size=32", "model.shortcut=A",
+                      "train.ema_decay=0.9", "train.best_of=ema")]
 
 
 def epochs(run):
@@ -72,6 +73,9 @@ def test_report_of_three_runs_groups_seeds(three_runs, tmp_path):
     assert seeds["best val acc"] == f"{statistics.mean(best):.3f} ± {statistics.stdev(best):.3f}"
     other = next(r for r in rows if r is not seeds)
     assert other["model"] == "resnet18" and other["shortcut"] == "A" and "±" not in other["best val acc"]
+    ema = [e["val_ema/accuracy"] for e in epochs(three_runs[2])]  # best_of=ema: the row shows the EMA's accuracies
+    assert other["weights"] == "EMA" and seeds["weights"] == "model"
+    assert other["best val acc"] == f"{max(ema):.3f}" and other["final val acc"] == f"{ema[-1]:.3f}"
     assert len(list(out.glob("confusion-*.png"))) == 3
 
 
