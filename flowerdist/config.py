@@ -21,6 +21,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from flowerdist.errors import FlowerdistError
+from flowerdist.files import atomic_write_text
 
 
 #: Unknown keys are errors, inf/nan are refused, YAML numbers may fill string fields (a run name 2024).
@@ -409,4 +410,4 @@ def save_config(cfg: Config, path: Path, changes: dict[str, list] | None = None,
         history = [*history, {"step": step, "changes": {k: {"was": old, "now": new} for k, (old, new) in changes.items()}}]
     if history:
         data["resumed_changes"] = history
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

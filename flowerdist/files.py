@@ -49,6 +49,16 @@ def atomic_dir(final: Path, *, replace: bool = False, exist_ok: bool = False) ->
                 raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file (config.yaml, run.json, result.json) so that a kill mid-write keeps the old one whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_symlink(link: Path, target_name: str) -> None:
     """Point `link` at `target_name` (relative), replacing any previous link in one rename.
 

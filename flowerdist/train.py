@@ -43,6 +43,7 @@ from flowerdist.ema import build_ema
 from flowerdist.mix import build_mix
 from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_machine, describe_world, end_accelerator, local_processes, num_machines, say
 from flowerdist.errors import FlowerdistError, Preempted
+from flowerdist.files import atomic_write_text
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
 from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr
@@ -62,10 +63,8 @@ class TrainResult:
     global_step: int
 
     def write(self) -> None:
-        tmp = self.run_dir / ".result.json.tmp"
-        tmp.write_text(json.dumps({"best_accuracy": self.best_accuracy, "global_step": self.global_step,
-                                   "last_metrics": self.last_metrics}, indent=1))
-        tmp.replace(self.run_dir / "result.json")
+        atomic_write_text(self.run_dir / "result.json", json.dumps(
+            {"best_accuracy": self.best_accuracy, "global_step": self.global_step, "last_metrics": self.last_metrics}, indent=1))
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,8 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
     data = build_data(cfg, accelerator, resume)
     plan = Plan.of(cfg, accelerator.num_processes, data.sampler)
     say(accelerator, plan.describe(cfg, accelerator.num_processes, data))
-    write_run_files(cfg, accelerator, run_dir, data, resume, run_info(accelerator, plan, run_dir))
+    info = run_info(accelerator, plan, run_dir)  # reads /proc/cpuinfo: once, for run.json and W&B
+    write_run_files(cfg, accelerator, run_dir, data, resume, info)
     model, optimizer, scheduler = build_model(cfg, accelerator, len(data.classes), plan)
     ema = build_ema(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
     mix = build_mix(cfg.augment, len(data.classes), cfg.train.seed, accelerator)
@@ -151,7 +151,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         continue_run(accelerator, ckpt, resume, cfg.train.seed, state)
     accelerator.wait_for_everyone()
 
-    closing.enter_context(logger.start(cfg, run_info(accelerator, plan, run_dir), replay_to=state.global_step if resume else None))
+    closing.enter_context(logger.start(cfg, info, replay_to=state.global_step if resume else None))
     stop = closing.enter_context(StopSignal())
     samples = closing.enter_context(SampleRecorder(run_dir, accelerator.process_index, cfg.train.record_samples))
     show = accelerator.is_main_process and cfg.log.progress
@@ -197,7 +197,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
     return result
 
 
-def continue_run(accelerator: Accelerator, ckpt: Checkpointer, resume, seed: int, state: TrainState) -> None:
+def continue_run(accelerator: Accelerator, ckpt: Checkpointer, resume: Resume, seed: int, state: TrainState) -> None:
     """Load the checkpoint into every stateful part, and cut the logs back to its step (what came after is redone)."""
     ckpt.restore(resume, seed)
     say(accelerator, f"flowerdist: resuming from {resume.checkpoint} (epoch {state.epoch}, step {state.global_step})")
@@ -401,7 +401,7 @@ def write_run_files(cfg: Config, accelerator: Accelerator, run_dir: Path, data: 
     if accelerator.is_main_process:
         segments = json.loads((run_dir / "run.json").read_text()).get("segments", []) if resume and (run_dir / "run.json").is_file() else []
         segment = {**info, "from_step": resume.step if resume else 0, "started": datetime.now().isoformat(timespec="seconds")}
-        (run_dir / "run.json").write_text(json.dumps({**segment, "segments": [*segments, segment]}, indent=1))
+        atomic_write_text(run_dir / "run.json", json.dumps({**segment, "segments": [*segments, segment]}, indent=1))
         save_config(cfg, run_dir / "config.yaml", resume.changes if resume else None, resume.step if resume else 0)
         (run_dir / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(data.classes)}, indent=1))
         save_split(run_dir / "split.json", data.index, data.train_idx, data.val_idx)

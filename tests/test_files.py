@@ -2,7 +2,7 @@
 
 import pytest
 
-from flowerdist.files import atomic_dir, atomic_symlink
+from flowerdist.files import atomic_dir, atomic_symlink, atomic_write_text
 
 
 def test_complete_block_renames_into_place(tmp_path):
@@ -45,3 +45,16 @@ def test_symlink_is_replaced_in_one_step(tmp_path):
     atomic_symlink(tmp_path / "last", "b")
     assert (tmp_path / "last").resolve() == (tmp_path / "b").resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "last"]
+
+
+def test_a_failed_small_write_keeps_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "run.json"
+    atomic_write_text(path, "old")
+
+    def killed(self, target):  # the new text is written, then the process dies before it takes the old one's place
+        raise OSError("killed")
+
+    monkeypatch.setattr(type(path), "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
