@@ -13,10 +13,12 @@ PY=${PYTHON:-.venv/bin/python}
 test -x "$PY" || PY=python3
 OUT=${OUT:-runs/gpu_check}
 PARTS=model,plain,flowerdist,pipeline
-if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] || [ "${DEVICE:-cuda}" = cpu ]; then
+# one torch import (~2 s) for the line and the GPU count
+gpus=$("$PY" -c 'import sys, torch; n = torch.cuda.device_count(); print(n)
+print(f"gpu_check: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, GPUs: {n}", file=sys.stderr)')
+if [ "$gpus" -ge 2 ] || [ "${DEVICE:-cuda}" = cpu ]; then
   PARTS=$PARTS,ddp
 fi
-"$PY" -c 'import torch; print(f"gpu_check: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}")'
 "$PY" -m flowerdist bench \
   --device "${DEVICE:-cuda}" --model "${MODEL:-resnet50}" --image-size "${IMAGE_SIZE:-224}" --batch "${BATCH:-128}" \
   --precision bf16,fp16 --data-path "${DATA_PATHS:-folder,cache}" --parts "$PARTS" --rounds 1 \

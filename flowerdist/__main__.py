@@ -1,7 +1,5 @@
 """`python -m flowerdist ...`, also what `accelerate launch -m flowerdist train ...` runs."""
 
-import sys
+from flowerdist.cli import run
 
-from flowerdist.cli import main
-
-sys.exit(main())
+run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import json
 import math
@@ -228,6 +229,7 @@ def main() -> None:
     if result:
         result["threads"] = torch.get_num_threads()
         Path(args.out).write_text(json.dumps(result))
+    gc.freeze()  # a faster exit, as in cli.run
 
 
 if __name__ == "__main__":

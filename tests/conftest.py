@@ -84,9 +84,14 @@ def free_port() -> int:
 
 
 def accelerate_cmd(nprocs: int, *train_args: str, num_machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
-    """The working CPU multi-process form of `accelerate launch` (see launch/cpu_multi_process.yaml)."""
+    """The working CPU multi-process form of `accelerate launch` (see launch/cpu_multi_process.yaml).
+
+    Its launcher module, as `flowerdist bench` and slurm/launch.sh run it: the `accelerate` command also
+    imports every other subcommand (timm and torchvision among them), ~2 s before each launch here. The
+    `accelerate` command itself is tested where the README types it (test_distributed's 3-process run).
+    """
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch",
+        sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(nprocs), "--num_machines", str(num_machines),
         "--mixed_precision", "no", "--dynamo_backend", "no",
     ]
