@@ -21,18 +21,20 @@ os.environ.pop("WANDB_API_KEY", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = True, threads: int | None = None) -> subprocess.CompletedProcess:
     """Run `flowerdist ARGS` in this process (`cli.main`, from the repo root) with its output captured.
 
-    A fresh process would cost ~7 s of importing torch; tests start one only where the process
-    is the point (several ranks, a kill, a launcher, an environment read at import).
+    A fresh process would cost ~4 s of importing torch and exiting; tests start one only where the
+    process is the point (several ranks, a kill, a launcher, an environment read at import).
+    `threads`: torch's intra-op threads meanwhile, as OMP_NUM_THREADS gives a fresh process (the layout
+    tests compare with ranks of one thread each).
     """
     from flowerdist.cli import main
 
     out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
     os.chdir(REPO)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch_threads(threads):
             code = main([str(a) for a in args])
     finally:
         os.chdir(cwd)
@@ -43,6 +45,22 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and code != 0:
         raise AssertionError(f"flowerdist {' '.join(map(str, args))} exited {code}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to `n` meanwhile (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

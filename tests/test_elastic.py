@@ -25,7 +25,7 @@ def agent(port: int, train_args, log: Path) -> subprocess.Popen:
     """One "node": the shipped launch/elastic.sh (torchrun, c10d rendezvous, 1 to 2 nodes of 1 process)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "HEAD": "127.0.0.1", "PORT": str(port), "MIN": "1", "MAX": "2", "GPUS": "1", "JOB": "flowerdist-elastic",
-           "LAST_CALL": "10"}
+           "LAST_CALL": "5", "HEARTBEAT": "1"}
     assert train_args[0] == "-c"
     return subprocess.Popen(["bash", "launch/elastic.sh", *train_args[1:]], cwd=REPO, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)

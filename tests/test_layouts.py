@@ -41,6 +41,14 @@ def finished(proc) -> str:
     return out
 
 
+def resume(nprocs: int, args) -> str:
+    """Train to the end on `nprocs` processes of one thread each (one: in this process) and return the output."""
+    if nprocs == 1:
+        done = run_cli("train", *args, threads=1)
+        return done.stdout + done.stderr
+    return finished(start(nprocs, args, threads=1))
+
+
 # A short run at a constant learning rate after 2 warm-up steps: killed after its step-7 checkpoint, resumed on
 # another layout until step 9, compared with an uninterrupted run of 9 steps. One thread per process everywhere
 # and a per-device batch of 4 (the accumulation makes up the global batch of 8), so every forward pass computes
@@ -63,7 +71,7 @@ def test_sigkill_then_resume_on_another_number_of_processes(tiny_data, tmp_path,
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads((cut / "checkpoints" / "last" / "meta.json").read_text())["step"] == 7  # killed mid-epoch
-    out = finished(start(after, train_args(tiny_data, cut, *LAYOUT_RUN, "train.resume=auto"), threads=1))
+    out = resume(after, train_args(tiny_data, cut, *LAYOUT_RUN, "train.resume=auto"))
     finished(reference)
     accum = 2 if after == 1 else 1
     assert f"train.grad_accum_steps={accum} keeps the global batch 8 = 4 per device x {after} processes x {accum}" in out
@@ -106,9 +114,8 @@ def test_batch_norm_on_another_layout_sync_tight_per_rank_loose(tiny_data, tmp_p
         shutil.copytree(ref, cut, symlinks=True)
         shutil.rmtree(cut / "checkpoints" / "step-00000004")
         (cut / "result.json").unlink()
-    resume = ("train.resume=auto",)
-    finished(start(1, train_args(tiny_data, cuts["sync"], "data.batch_size=8", "train.sync_bn=true", *BN_RUN, *resume), threads=1))
-    finished(start(1, train_args(tiny_data, cuts["rank"], "data.batch_size=4", *BN_RUN, *resume), threads=1))
+    resume(1, train_args(tiny_data, cuts["sync"], "data.batch_size=8", "train.sync_bn=true", *BN_RUN, "train.resume=auto"))
+    resume(1, train_args(tiny_data, cuts["rank"], "data.batch_size=4", *BN_RUN, "train.resume=auto"))
     for kind in refs:
         assert samples_per_step(cuts[kind]) == samples_per_step(refs[kind])
     assert_same_weights(weights(cuts["sync"]), weights(refs["sync"]))  # tight: every tensor

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_cli  # noqa: E402
 from slurm_cluster import ClusterInfo, can_run_slurm, slurm_cluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,10 +33,7 @@ def cluster(tmp_path_factory) -> ClusterInfo:
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "flowers"
-    res = subprocess.run([sys.executable, "-m", "flowerdist", "data", "synth", "--out", str(out),
-                          "--per-class", "8", "--size", "64", "--seed", "0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, f"data synth failed:\n{res.stdout}\n{res.stderr}"
+    run_cli("data", "synth", "--out", out, "--per-class", "8", "--size", "64", "--seed", "0")
     return out
 
 
