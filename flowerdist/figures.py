@@ -17,9 +17,16 @@ from matplotlib.figure import Figure  # noqa: E402
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def save(fig: Figure, path) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+def save(fig: Figure, path, dpi: int = 110) -> None:
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
+
+
+def _picture(ax) -> None:
+    """An axes that only shows an image. Without ticks: an axis that is merely off still lays out its ticks at
+    every layout pass (measured: 0.83 -> 0.52 s to save the 18-image mistakes grid, the same pixels)."""
+    ax.set(xticks=[], yticks=[])
+    ax.axis("off")
 
 
 def confusion_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> Figure:
@@ -52,7 +59,7 @@ def mistakes_figure(images: Sequence[np.ndarray], true: Sequence[int], pred: Seq
     rows = max(1, math.ceil(len(order) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.45 * rows), squeeze=False, constrained_layout=True)
     for ax in axes.flat:
-        ax.axis("off")
+        _picture(ax)
     for ax, i in zip(axes.flat, order):
         ax.imshow(images[i])
         wrong = true[i] != pred[i]
@@ -133,7 +140,7 @@ def prediction_figure(images: Sequence[np.ndarray], names: Sequence[str], predic
         r, c = divmod(i, columns)
         ax = fig.add_subplot(grid[r, 2 * c])
         ax.imshow(image)
-        ax.axis("off")
+        _picture(ax)
         ax.set_title(f"{preds[0]['class']} {preds[0]['probability']:.2f}\n{_short(name)}", fontsize=9)
         bars = fig.add_subplot(grid[r, 2 * c + 1])
         labels = [p["class"] for p in preds][::-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,23 @@ def trained_run(e2e_data, tmp_path_factory) -> Path:
     return run_dir
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [p for c in children for p in process_tree(int(c))]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every rank under it, as a lost machine would. torch's launcher starts each rank in
+    a session of its own: killing the launcher's process group alone leaves the ranks training to the end.
+    All are stopped first, so that no launcher sees a rank die and signals the others to checkpoint."""
+    pids = process_tree(pid)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+
+
 def free_port() -> int:
     import socket
 
@@ -169,13 +187,16 @@ def batch(nprocs):
 
 @pytest.fixture(scope="session")
 def uninterrupted(tiny_data, tmp_path_factory):
-    """One uninterrupted `resume_args` run per process count, shared by the resume and Slurm requeue tests."""
+    """One uninterrupted `resume_args` run per process count, shared by the resume and Slurm requeue tests.
+
+    Without W&B (~2 s a run here): the interrupted runs log to W&B offline, so their equality with these
+    references also shows that logging changes nothing in training."""
     runs = {}
 
     def get(nprocs):
         if nprocs not in runs:
             runs[nprocs] = tmp_path_factory.mktemp(f"ref{nprocs}")
-            launch(nprocs, *resume_args(tiny_data, runs[nprocs], batch(nprocs)))
+            launch(nprocs, *resume_args(tiny_data, runs[nprocs], batch(nprocs), "log.wandb=disabled"))
         return runs[nprocs]
 
     return get

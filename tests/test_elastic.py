@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, resume_args
+from conftest import REPO, free_port, process_tree, resume_args
 from test_distributed import assert_same_weights
 from test_layouts import samples_per_step, weights
 
@@ -29,12 +29,6 @@ def agent(port: int, train_args, log: Path) -> subprocess.Popen:
     assert train_args[0] == "-c"
     return subprocess.Popen(["bash", "launch/elastic.sh", *train_args[1:]], cwd=REPO, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def tree(pid: int) -> list[int]:
-    """A process and its descendants (torchrun starts its workers in sessions of their own)."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [pid] + [p for c in children for p in tree(int(c))]
 
 
 def host_of(port: int, agents: list[subprocess.Popen]) -> subprocess.Popen:
@@ -67,7 +61,7 @@ def test_a_lost_node_restarts_at_world_size_one_and_finishes(tiny_data, tmp_path
         lost = next(a for a in agents if a is not survivor)
         survivor_log = tmp_path / f"agent{agents.index(survivor)}.log"
         killed = time.time()
-        for pid in tree(lost.pid):
+        for pid in process_tree(lost.pid):
             os.kill(pid, signal.SIGKILL)
         while time.time() < killed + 180 and "resuming from" not in survivor_log.read_text():  # printed as training restarts
             time.sleep(0.05)
@@ -75,7 +69,7 @@ def test_a_lost_node_restarts_at_world_size_one_and_finishes(tiny_data, tmp_path
         assert survivor.wait(timeout=300) == 0, (tmp_path / "agent0.log").read_text()[-3000:] + (tmp_path / "agent1.log").read_text()[-3000:]
     finally:
         for a in agents:
-            for pid in tree(a.pid):
+            for pid in process_tree(a.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -5,16 +5,14 @@ within the tolerance of the DDP-vs-big-batch test. Real processes (gloo on CPU).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch_many, resume_args, run_cli
+from conftest import kill_tree, launch_many, resume_args, run_cli
 from test_distributed import assert_same_weights, relative_difference, train_args
 from test_resume import start
 
@@ -50,7 +48,9 @@ def resume(nprocs: int, args) -> str:
 
 
 # A short run at a constant learning rate after 2 warm-up steps: killed after its step-7 checkpoint, resumed on
-# another layout until step 9, compared with an uninterrupted run of 9 steps. One thread per process everywhere
+# another layout until step 9, compared with an uninterrupted run of 9 steps. The killed run is given steps to
+# spare (max_steps 20, free to change on resume; the constant rate does not depend on it): with 9 it could end
+# before the kill lands. One thread per process everywhere
 # and a per-device batch of 4 (the accumulation makes up the global batch of 8), so every forward pass computes
 # the same 4 images the same way on either layout; over many more steps the generated flowers' max-pool and ReLU
 # ties would amplify even float rounding (see BN_RUN below).
@@ -63,12 +63,12 @@ def test_sigkill_then_resume_on_another_number_of_processes(tiny_data, tmp_path,
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     layout = (*LAYOUT_RUN, f"train.grad_accum_steps={2 // before}")
     reference = start(before, train_args(tiny_data, ref, *layout), threads=1)
-    proc = start(before, train_args(tiny_data, cut, *layout), threads=1)
+    proc = start(before, train_args(tiny_data, cut, *layout, "train.max_steps=20"), threads=1)
     deadline = time.time() + 300
-    while not (cut / "checkpoints" / "step-00000007").is_dir():
+    while not (cut / "checkpoints" / "last" / "meta.json").is_file():  # the step-7 checkpoint, linked as last
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     assert json.loads((cut / "checkpoints" / "last" / "meta.json").read_text())["step"] == 7  # killed mid-epoch
     out = resume(after, train_args(tiny_data, cut, *LAYOUT_RUN, "train.resume=auto"))

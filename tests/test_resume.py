@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_cmd, batch, free_port, launch, resume_args as args, run_cli
+from conftest import REPO, accelerate_cmd, batch, free_port, kill_tree, launch, resume_args as args, run_cli
 from wandb_offline import history
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def kill_after_a_checkpoint(proc, run_dir, rng):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     return target
 
@@ -60,7 +61,8 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs, unint
     killed_at = max(logged_steps(cut))
     assert json.loads((cut / "checkpoints" / "last" / "meta.json").read_text())["step"] < 40  # killed mid-run
     out = launch(nprocs, *args(tiny_data, cut, extra, "train.resume=auto"))
-    assert "resuming from" in out.stdout
+    resumed_at = int(re.search(r"resuming from \S+ \(epoch \d+, step (\d+)\)", out.stdout).group(1))
+    assert 7 <= resumed_at < 40  # from a mid-run checkpoint: every rank died with the kill, none trained on
 
     a = load_file(ref / "checkpoints" / "last" / "model.safetensors")
     b = load_file(cut / "checkpoints" / "last" / "model.safetensors")
@@ -167,7 +169,7 @@ def test_every_ingredient_and_the_ema_resume_bit_identical(tiny_data, tmp_path):
         "train.best_of=ema", "data.batch_size=8",
     )
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    launch(1, *args(tiny_data, ref, *ingredients))
+    launch(1, *args(tiny_data, ref, *ingredients, "log.wandb=disabled"))
     proc = start(1, args(tiny_data, cut, *ingredients))
     kill_after_a_checkpoint(proc, cut, random.Random(5))
     launch(1, *args(tiny_data, cut, *ingredients, "train.resume=auto"))
