@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -29,7 +31,20 @@ from flowerdist.config import Config
 from flowerdist.errors import FlowerdistError
 
 
+def die_with_launcher() -> None:
+    """A rank of torch's launcher (accelerate launch, torchrun, launch/elastic.sh) runs in a session of its own: a
+    `kill -9` of the launcher, or of its process group, would leave it training to the end, beside the rerun
+    that resumes the same run directory. On Linux the kernel kills it with its launcher instead. (Before this
+    call a dead launcher takes the rendezvous store with it, so the rank cannot join a group either.)"""
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
+    die_with_launcher()
     if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
         raise FlowerdistError(
             "train.mixed_precision=fp16 needs a GPU (its gradient scaler is a CUDA path); "

@@ -185,7 +185,7 @@ def test_two_nodes_on_one_machine_train_one_model(tiny_data, tmp_path):
 def test_cpu_flag_trap_fails_loudly(tiny_data, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process: flowerdist refuses to train alone."""
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "flowerdist", "train", *train_args(tiny_data, tmp_path / "trap"),
     ]

@@ -11,12 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_cmd, batch, free_port, kill_tree, launch, resume_args as args, run_cli
+from conftest import REPO, accelerate_cmd, batch, free_port, launch, process_tree, resume_args as args, run_cli
 from wandb_offline import history
 
 pytestmark = pytest.mark.slow
@@ -36,8 +37,16 @@ def start(nprocs, train_args, threads=None):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def kill_after_a_checkpoint(proc, run_dir, rng):
-    """SIGKILL the whole process group at a random step after the first mid-epoch checkpoint."""
+    """SIGKILL the run at a random step after the first mid-epoch checkpoint: the process itself, or on several
+    processes only the launcher (`kill -9` of accelerate launch), whose ranks must die with it."""
     target = rng.randint(8, 30)  # steps: the first checkpoint is at 7, an epoch has 20, the run 40
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -46,8 +55,13 @@ def kill_after_a_checkpoint(proc, run_dir, rng):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
-    kill_tree(proc.pid)
+    ranks = process_tree(proc.pid)[1:]
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10
+    while any(map(running, ranks)) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not any(map(running, ranks)), "ranks went on training after their launcher was killed"
     return target
 
 
