@@ -34,8 +34,8 @@ from flowerdist.errors import FlowerdistError
 def die_with_launcher() -> None:
     """A rank of torch's launcher (accelerate launch, torchrun, launch/elastic.sh) runs in a session of its own: a
     `kill -9` of the launcher, or of its process group, would leave it training to the end, beside the rerun
-    that resumes the same run directory. On Linux the kernel kills it with its launcher instead. (Before this
-    call a dead launcher takes the rendezvous store with it, so the rank cannot join a group either.)"""
+    that resumes the same run directory. On Linux the kernel kills it with its launcher instead, from this call
+    on (a launcher that dies in the rank's first seconds, while it imports, is not covered)."""
     if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
         import ctypes
 
