@@ -23,7 +23,6 @@ import gc
 import itertools
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, process_tree, resume_args
+from conftest import REPO, free_port, kill_tree, resume_args
 from test_distributed import assert_same_weights
 from test_layouts import samples_per_step, weights
 
@@ -61,19 +60,14 @@ def test_a_lost_node_restarts_at_world_size_one_and_finishes(tiny_data, tmp_path
         lost = next(a for a in agents if a is not survivor)
         survivor_log = tmp_path / f"agent{agents.index(survivor)}.log"
         killed = time.time()
-        for pid in process_tree(lost.pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_tree(lost.pid)
         while time.time() < killed + 180 and "resuming from" not in survivor_log.read_text():  # printed as training restarts
             time.sleep(0.05)
         back_after = time.time() - killed
         assert survivor.wait(timeout=300) == 0, (tmp_path / "agent0.log").read_text()[-3000:] + (tmp_path / "agent1.log").read_text()[-3000:]
     finally:
         for a in agents:
-            for pid in process_tree(a.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_tree(a.pid)
     log = (tmp_path / f"agent{agents.index(survivor)}.log").read_text()
     first = (tmp_path / f"agent{agents.index(lost)}.log").read_text() + log  # rank 0 of the first round may be the lost node
     assert "world_size=2" in first and "world_size=1" in log and "resuming from" in log

@@ -9,7 +9,6 @@ import shutil
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import kill_tree, launch_many, resume_args, run_cli
@@ -50,10 +49,10 @@ def resume(nprocs: int, args) -> str:
 # A short run at a constant learning rate after 2 warm-up steps: killed after its step-7 checkpoint, resumed on
 # another layout until step 9, compared with an uninterrupted run of 9 steps. The killed run is given steps to
 # spare (max_steps 20, free to change on resume; the constant rate does not depend on it): with 9 it could end
-# before the kill lands. One thread per process everywhere
-# and a per-device batch of 4 (the accumulation makes up the global batch of 8), so every forward pass computes
-# the same 4 images the same way on either layout; over many more steps the generated flowers' max-pool and ReLU
-# ties would amplify even float rounding (see BN_RUN below).
+# before the kill lands. One thread per process everywhere and a per-device batch of 4 (the accumulation makes
+# up the global batch of 8), so every forward pass computes the same 4 images the same way on either layout;
+# over many more steps the generated flowers' max-pool and ReLU ties would amplify even float rounding (see
+# BN_RUN below).
 LAYOUT_RUN = ("train.record_samples=true", "train.checkpoint_every=7", "train.max_steps=9", "optim.schedule=constant",
               "train.log_every=1", "data.batch_size=4")
 
