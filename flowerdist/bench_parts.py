@@ -63,14 +63,16 @@ def autocast(device: torch.device, precision: str):
 def build(spec: dict, device: torch.device, num_classes: int = 5):
     """Model (channels_last if asked, compiled if asked), AdamW as flowerdist builds it, loss, grad scaler."""
     from flowerdist.config import OptimConfig
+    from flowerdist.distributed import set_device_fast_paths, use_fused_optimizer
     from flowerdist.models import create_model
     from flowerdist.optim import build_optimizer
 
+    set_device_fast_paths(device)  # as the training loop does
     torch.manual_seed(0)
     model = create_model(spec["model"], num_classes=num_classes, image_size=spec["image_size"]).to(device)
     memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, OptimConfig(), 1e-3, device)
+    optimizer = build_optimizer(model, OptimConfig(), 1e-3, fused=use_fused_optimizer(device, spec["precision"]))
     if spec["compile"]:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=spec["precision"] == "fp16")

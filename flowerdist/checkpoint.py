@@ -33,6 +33,7 @@ import torch
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
+from flowerdist.distributed import bare_model
 from flowerdist.errors import FlowerdistError
 from flowerdist.files import atomic_dir, atomic_symlink
 
@@ -49,9 +50,7 @@ class Stateful(Protocol):
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Plain, contiguous CPU tensors (channels_last weights are not contiguous; safetensors needs them so)."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in bare_model(model).state_dict().items()}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -81,7 +80,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A run resumed where fewer GPUs are visible (CUDA_VISIBLE_DEVICES, a smaller node) restores the generators
+        # that exist; torch's set_rng_state_all would raise IndexError. Nothing is lost: flowerdist draws its
+        # randomness from the CPU generator (augmentation) and (seed, step) (MixUp/CutMix).
+        visible = torch.cuda.device_count()
+        for device, generator in enumerate(state["cuda"][:visible]):
+            torch.cuda.set_rng_state(generator, device)
 
 
 def write_checkpoint(
@@ -233,7 +237,7 @@ class Checkpointer:
         """Checkpoint `step-<step>`, and `best-step-<step>` with the weights of `best_model` (default: the model)
         when `best`; refuses non-finite weights or optimizer state."""
         accelerator = self.accelerator
-        model = accelerator.unwrap_model(self.model)
+        model = bare_model(self.model)
         # every rank checks its own (replicated) weights, so every rank stops together
         if not (_all_finite(model.parameters()) and _all_finite(_optimizer_tensors(self.optimizer))):
             raise FlowerdistError(
@@ -272,9 +276,13 @@ class Checkpointer:
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.clear_partial()
-        self.accelerator.unwrap_model(self.model).load_state_dict(read_weights(resume.checkpoint))
+        bare_model(self.model).load_state_dict(read_weights(resume.checkpoint))
         for name, obj in self.states.items():
-            obj.load_state_dict(resume.train_state[name])
+            if name in resume.train_state:
+                obj.load_state_dict(resume.train_state[name])
+            elif self.accelerator.is_main_process:  # e.g. the gradient scaler of a bf16 run resumed as fp16
+                print(f"flowerdist: note: {resume.checkpoint} has no {name} state (the run trained without one); "
+                      f"starting a fresh {name}", flush=True)
         ranks = resume.train_state["ranks"]
         for name, obj in self.local.items():
             saved = [r[name] for r in ranks]

@@ -117,7 +117,10 @@ class OptimConfig:
     nesterov: bool = True
     """SGD Nesterov momentum."""
     warmup_steps: int = 0
-    """Linear warm-up length in optimizer steps."""
+    """Linear warm-up length in optimizer steps (or set `warmup_epochs`, not both)."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs, may be fractional: converted to optimizer steps at start (and printed), so it
+    means the same share of the schedule on any number of GPUs."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """LR schedule after warm-up."""
     min_lr_ratio: float = 0.0
@@ -369,6 +372,9 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.optim.weight_decay <= 10, "optim.weight_decay", "must lie in [0, 10]")
     need(cfg.optim.reference_batch >= 1, "optim.reference_batch", "must be at least 1")
     need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be 0 or more")
+    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be 0 or more")
+    if cfg.optim.warmup_steps and cfg.optim.warmup_epochs:
+        raise FlowerdistError("set optim.warmup_steps or optim.warmup_epochs, not both (one of them must be 0)")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
     need(cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be 0 (off) or positive")
     need(0.0 <= cfg.optim.momentum < 1.0, "optim.momentum", "must lie in [0, 1)")

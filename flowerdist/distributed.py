@@ -25,7 +25,7 @@ from datetime import timedelta
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
-from accelerate.utils import gather_object
+from accelerate.utils import extract_model_from_parallel, gather_object
 
 from flowerdist.config import Config
 from flowerdist.errors import FlowerdistError
@@ -43,14 +43,14 @@ def die_with_launcher() -> None:
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def cuda_visible() -> bool:
+    """The one device check flowerdist makes before Accelerate picks the device (tests replace only this)."""
+    return torch.cuda.is_available()
+
+
 def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
     die_with_launcher()
-    if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
-        raise FlowerdistError(
-            "train.mixed_precision=fp16 needs a GPU (its gradient scaler is a CUDA path); "
-            "use train.mixed_precision=no (fastest on CPU) or bf16"
-        )
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
@@ -61,6 +61,64 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
         # A rank that dies must not leave the others waiting for the default 30 minutes.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
+    if cfg.train.cpu and cuda_visible():
+        say(accelerator, "flowerdist: note: train.cpu=true keeps this run on the CPU although CUDA is visible; "
+                         "set train.cpu=false to train on the GPU")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        enable_cpu_fp16(accelerator)
+    return accelerator
+
+
+def enable_cpu_fp16(accelerator: Accelerator) -> None:
+    """fp16 on the CPU through Accelerate's own fp16 path: the gradient scaler and fp16 autocast that it builds
+    for a GPU. Accelerate 1.16 skips both on the CPU (its scaler stays None and its autocast leaves fp32), so
+    fp16 would train silently in fp32. torch runs both on the CPU: the GPU's scaler path (scaled backward,
+    unscale before clipping, skipped steps, the scaler's state in checkpoints) then runs in the CPU tests.
+    It is a test path, not a speed-up: fp16 matmuls on a CPU are slower than fp32."""
+    accelerator.native_amp = True  # what Accelerator.__init__ sets for fp16 on a GPU
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+
+
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its DDP and torch.compile wrappers: what weights are read from and written to.
+
+    Never `accelerator.unwrap_model(model)` with its default keep_torch_compile=True on a compiled DDP model: it
+    rebinds the compile wrapper's `_orig_mod` from the DDP module to the bare one, so every later forward
+    bypasses DDP (no gradient sync, `no_sync` a null context) and state dicts gain an `_orig_mod.` prefix."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def set_device_fast_paths(device: torch.device) -> bool:
+    """TF32 matmuls and convolutions and cuDNN's autotuner: on CUDA only (they do not exist elsewhere).
+    Set by the loop and by every bench part alike, so the bench measures what training runs. True when set."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return True
+
+
+def use_fused_optimizer(device: torch.device, mixed_precision: str) -> bool:
+    """The fused AdamW/SGD kernel: the fastest on CUDA, but not under fp16. There the gradient scaler hands the
+    inf check to the fused kernel, which skips the step internally; Accelerate then never learns that the step
+    was skipped (accelerate #4242) and the schedule would advance on skipped steps. On the CPU it rounds
+    differently from the default kernel, which would change every recorded CPU result."""
+    return device.type == "cuda" and mixed_precision != "fp16"
+
+
+def broadcast_buffers(*models: torch.nn.Module | None) -> None:
+    """Rank 0's buffers (batch-norm running statistics) to every rank.
+
+    Under DDP every rank's forward pass updates its buffers from its own shard (DDP copies rank 0's at the start
+    of the next forward), so between steps they differ. Evaluation, weight digests and checkpoints must all use
+    the same ones, those rank 0 saves. A no-op on one process or with sync BN (the statistics already agree)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for model in models:
+        if model is not None:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
 
 
 def end_accelerator(accelerator: Accelerator) -> None:
@@ -142,6 +200,15 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input, got {x.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._normalize(x)
+        # a timm BatchNormAct2d keeps its dropout and activation (as timm's SyncBatchNormAct does)
+        if hasattr(self, "drop"):
+            y = self.drop(y)
+        if hasattr(self, "act"):
+            y = self.act(y)
+        return y
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
@@ -164,9 +231,15 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """SyncBatchNorm on CUDA (fused kernels); GlobalBatchNorm elsewhere (CPU/gloo)."""
+    """SyncBatchNorm on CUDA (fused kernels), GlobalBatchNorm elsewhere (CPU/gloo).
+
+    Both keep the activation and dropout of timm's fused BatchNormAct2d (efficientnet, regnet, mobilenet):
+    torch's own converter would keep them only as unused children, and the network would train without its
+    activations while `eval` and `predict` rebuild it with them. timm's converter handles both layer kinds."""
     if device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm as timm_convert
+
+        return timm_convert(model)
     return _replace_bn(model)
 
 
@@ -174,6 +247,9 @@ def _replace_bn(module: torch.nn.Module) -> torch.nn.Module:
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        for name in ("drop", "act"):  # timm's BatchNormAct2d
+            if hasattr(module, name):
+                new.add_module(name, getattr(module, name))
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -41,12 +41,15 @@ from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.data.transforms import eval_transform, to_model_input, train_transform
 from flowerdist.ema import build_ema
 from flowerdist.mix import build_mix
-from flowerdist.distributed import build_accelerator, check_world, convert_sync_batchnorm, describe_machine, describe_world, end_accelerator, local_processes, num_machines, say
+from flowerdist.distributed import (
+    bare_model, broadcast_buffers, build_accelerator, check_world, convert_sync_batchnorm, describe_machine, describe_world,
+    end_accelerator, local_processes, num_machines, say, set_device_fast_paths, use_fused_optimizer,
+)
 from flowerdist.errors import FlowerdistError, Preempted
 from flowerdist.files import atomic_write_text
 from flowerdist.evaluate import evaluate
 from flowerdist.models import create_model
-from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr
+from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from flowerdist.preemption import StopSignal
 from flowerdist.runs import Resume, claim_run_dir, reconcile, record_changes
 from flowerdist.state import TrainState
@@ -75,19 +78,21 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     peak_lr: float
+    warmup_steps: int
 
     @classmethod
     def of(cls, cfg: Config, world: int, sampler: ShardedSampler) -> Plan:
         global_batch = cfg.data.batch_size * world * cfg.train.grad_accum_steps
         total = sampler.steps_per_epoch * cfg.train.epochs
         total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-        return cls(global_batch, sampler.steps_per_epoch, total, scaled_lr(cfg.optim, global_batch))
+        return cls(global_batch, sampler.steps_per_epoch, total, scaled_lr(cfg.optim, global_batch),
+                   warmup_steps(cfg.optim, sampler.steps_per_epoch))
 
     def describe(self, cfg: Config, world: int, data: Data) -> str:
         return (
             f"flowerdist: global batch {self.global_batch} = {cfg.data.batch_size} per device x {world} processes x "
             f"{cfg.train.grad_accum_steps} accumulation; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps; "
-            f"peak lr {self.peak_lr:.3g}; {len(data.train_idx)} train / {len(data.val_idx)} val images, classes {list(data.classes)}"
+            f"peak lr {self.peak_lr:.3g}, warm-up {self.warmup_steps} steps; {len(data.train_idx)} train / {len(data.val_idx)} val images, classes {list(data.classes)}"
         )
 
 
@@ -132,7 +137,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
     info = run_info(accelerator, plan, run_dir)  # reads /proc/cpuinfo: once, for run.json and W&B
     write_run_files(cfg, accelerator, run_dir, data, resume, info)
     model, optimizer, scheduler = build_model(cfg, accelerator, len(data.classes), plan)
-    ema = build_ema(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
+    ema = build_ema(bare_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
     mix = build_mix(cfg.augment, len(data.classes), cfg.train.seed, accelerator)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -173,7 +178,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
             if not accelerator.sync_gradients:
                 continue
             state.advance(plan.global_batch)
-            ema.update(accelerator.unwrap_model(model), step=state.global_step)
+            ema.update(bare_model(model), step=state.global_step)
             bar.update()
             last = state.global_step >= plan.total_steps or state.samples_in_epoch == plan.steps_per_epoch * plan.global_batch
             if steplog.tick(state.global_step, last):
@@ -188,8 +193,9 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
                 ckpt.save(state.global_step, epoch)
         seconds = time.perf_counter() - epoch_start
         metrics = end_epoch(cfg, accelerator, model, ema, data, plan, state, steplog, logger, ckpt, (state.samples_in_epoch - start_samples, seconds))
-    # Every rank states a digest of its weights: DDP replicas must agree bit for bit.
-    print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(accelerator.unwrap_model(model))}", flush=True)
+    # Every rank states a digest of its weights (and rank 0's buffers): DDP replicas must agree bit for bit.
+    broadcast_buffers(bare_model(model))
+    print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(bare_model(model))}", flush=True)
     result = TrainResult(run_dir, state.best_accuracy, metrics, state.global_step)
     if accelerator.is_main_process:
         result.write()
@@ -243,7 +249,8 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     complete = state.samples_in_epoch == plan.steps_per_epoch * plan.global_batch
     train_loss = steplog.epoch_loss(accelerator)
     stop_if_diverged(train_loss, state.global_step, ckpt.root.parent)
-    evaluated = {"val": accelerator.unwrap_model(model), "val_ema": ema.module}
+    evaluated = {"val": bare_model(model), "val_ema": ema.module}
+    broadcast_buffers(*evaluated.values())  # every rank evaluates (and rank 0 saves) the same running statistics
     pictures = logger.wandb_mode is not None and accelerator.is_main_process
     results = {prefix: validate(cfg, accelerator, m, data, pictures) for prefix, m in evaluated.items() if m is not None}
     metrics = {"epoch": epoch + state.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch), "train/epoch_loss": train_loss}
@@ -298,10 +305,7 @@ def start_world(cfg: Config, accelerator: Accelerator) -> None:
     """Refuse launch traps, say what world we got, set the GPU fast paths, and fail a bad model before any data work."""
     check_world(accelerator)
     say(accelerator, f"flowerdist: {describe_world(accelerator)}")
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    set_device_fast_paths(accelerator.device)
     with torch.device("meta"):  # a bad model.name, shortcut or image size fails here (meta: no memory, no init)
         create_model(cfg.model.name, num_classes=2, shortcut=cfg.model.shortcut, image_size=cfg.data.image_size, init_weights=False)
 
@@ -418,10 +422,10 @@ def build_model(cfg: Config, accelerator: Accelerator, num_classes: int, plan: P
     if cfg.train.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
     model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
-    optimizer = build_optimizer(model, cfg.optim, plan.peak_lr, accelerator.device)
-    scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps)
+    optimizer = build_optimizer(model, cfg.optim, plan.peak_lr, fused=use_fused_optimizer(accelerator.device, accelerator.mixed_precision))
+    scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if cfg.model.compile:
+    if cfg.model.compile:  # around DDP, as Accelerate's dynamo plugin does; weights are read through bare_model
         model = torch.compile(model)
     return model, optimizer, scheduler
 

@@ -93,7 +93,7 @@ def test_weight_decay_groups_honour_no_weight_decay():
         def no_weight_decay(self):
             return {"pos_embed"}
 
-    opt = build_optimizer(WithEmbedding(), OptimConfig(weight_decay=0.1), 1e-3, torch.device("cpu"))
+    opt = build_optimizer(WithEmbedding(), OptimConfig(weight_decay=0.1), 1e-3)
     decayed = [p.shape for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
     assert decayed == [torch.Size([8, 8])]
 

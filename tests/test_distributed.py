@@ -136,7 +136,7 @@ def test_ranks_shard_each_epoch_disjointly_and_reproducibly(tiny_data, tmp_path)
     logged = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lrs = [(m["step"], m["train/lr"]) for m in logged if "train/lr" in m]
     assert [s for s, _ in lrs] == list(range(1, 27))
-    assert [lr for _, lr in lrs] == pytest.approx([0.003 * lr_factor(s, 26, cfg) for s, _ in lrs])
+    assert [lr for _, lr in lrs] == pytest.approx([0.003 * lr_factor(s, 26, 2, cfg) for s, _ in lrs])
 
 
 def test_validation_is_exact_at_any_world_size(tiny_data, tmp_path):
