@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from flowerdist.checkpoint import META, TRAIN_STATE, find_resume_checkpoint, read_meta
 from flowerdist.config import Config, apply_overrides, config_from_dict
@@ -66,7 +67,26 @@ def holds_run(run_dir: Path) -> list[str]:
 
 
 def claim_run_dir(cfg: Config, run_dir: Path, accelerator) -> Resume | None:
-    """Check that `run_dir` may take this run; read the checkpoint to resume from (None: a fresh run)."""
+    """Check that `run_dir` may take this run; read the checkpoint to resume from (None: a fresh run).
+
+    The main process alone looks at the directory, decides, moves an old run aside when it must, and tells
+    the other ranks (a rank that looked after the move would see an empty directory and take another path)."""
+    decision: list = [None]
+    if accelerator.is_main_process:
+        try:
+            decision = [("resume", _claim(cfg, run_dir))]
+        except FlowerdistError as err:
+            decision = [("error", str(err))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    kind, value = decision[0]
+    if kind == "error":
+        raise FlowerdistError(value)
+    return None if value is None else read_resume(Path(value), accelerator.process_index)
+
+
+def _claim(cfg: Config, run_dir: Path) -> str | None:
+    """The main process's decision: the checkpoint to resume (as a string), or None for a fresh run."""
     ckpt = find_resume_checkpoint(cfg.train.resume, run_dir)  # a train.resume path that is not there fails here
     found = holds_run(run_dir)
     ensure_writable(run_dir)
@@ -77,19 +97,17 @@ def claim_run_dir(cfg: Config, run_dir: Path, accelerator) -> Resume | None:
                 f"or train into a new train.output_dir (train.overwrite=true moves the old run aside)"
             )
         if found:  # overwrite, or resume=auto on a run that died before its first checkpoint: keep it, aside
-            if accelerator.is_main_process:
-                aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                run_dir.rename(aside)
-                ensure_writable(run_dir)
-                print(f"flowerdist: moved the previous run in {run_dir} ({', '.join(found)}, no checkpoint to resume) to {aside}", flush=True)
-            accelerator.wait_for_everyone()
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            ensure_writable(run_dir)
+            print(f"flowerdist: moved the previous run in {run_dir} ({', '.join(found)}, no checkpoint to resume) to {aside}", flush=True)
         return None
     if found and not ckpt.resolve().is_relative_to(run_dir.resolve()):
         raise FlowerdistError(
             f"train.resume={cfg.train.resume} continues another run, but {run_dir} already holds a run ({', '.join(found)}); "
             f"set train.output_dir to a new directory"
         )
-    return read_resume(ckpt, accelerator.process_index)
+    return str(ckpt)
 
 
 def ensure_writable(run_dir: Path) -> None:

@@ -215,3 +215,36 @@ def test_ddp_with_every_ingredient_equals_the_big_batch(tiny_data, tmp_path):
     assert_same_weights(ema[0], ema[1])
     # the mixing mattered: without it the same run ends elsewhere
     assert relative_difference(final_weights(tmp_path / "nomix"), final_weights(tmp_path / "one")) > 1e-4
+
+
+def test_two_ranks_agree_on_moving_an_old_run_aside(tiny_data, tmp_path):
+    """train.overwrite=true, and resume=auto over a run that died before its first checkpoint (what an elastic
+    restart meets), on 2 ranks: the main process moves the old run aside and tells the other rank, which would
+    otherwise see an empty directory, skip the barrier and leave both ranks waiting for each other."""
+    runs = {"overwrite": ("train.overwrite=true",), "auto": ("train.resume=auto",)}
+    for name in runs:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("old: run\n")
+        (tmp_path / name / "metrics.jsonl").write_text("")
+    launch_many(*[(2, train_args(tiny_data, tmp_path / name, "data.batch_size=4", "train.dist_timeout_s=30", *extra))
+                  for name, extra in runs.items()], timeout=240)
+    for name in runs:
+        (aside,) = tmp_path.glob(f"{name}.replaced-*")
+        assert (aside / "config.yaml").read_text() == "old: run\n"
+        assert (tmp_path / name / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def test_batch_norm_ranks_validate_the_weights_they_save(tiny_data, tmp_path):
+    """ResNet-18 on 2 ranks without sync BN: each rank's forward passes update its own running statistics, so
+    rank 0's are broadcast before validation and the digest. The logged validation equals `flowerdist eval` of the
+    saved checkpoint, and both ranks state the same digest."""
+    run = tmp_path / "bn"
+    proc = launch(2, *train_args(tiny_data, run, "data.batch_size=4", "model.name=resnet18", "data.image_size=32", "train.max_steps=4"))
+    digests = re.findall(r"rank (\d) weights sha256 (\w+)", proc.stdout + proc.stderr)
+    assert len(digests) == 2 and digests[0][1] == digests[1][1], digests
+    val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/loss" in l][-1]
+    from conftest import run_cli
+
+    out = json.loads(run_cli("eval", "--checkpoint", str(run / "checkpoints" / "last"), "--json").stdout)
+    assert out["confusion"] == val["val/confusion"]
+    assert out["loss"] == pytest.approx(val["val/loss"], rel=1e-5)
