@@ -132,7 +132,11 @@ def submit_array(path: str, variant: str | None, extra: Sequence[str], cells: li
     logs = cells[0].run_dir.parent / "slurm-logs"  # beside the cells (sbatch does not create the folder)
     logs.mkdir(parents=True, exist_ok=True)
     sweep = ["--sweep", str(path), *(["--variant", variant] if variant else []), *extra]
-    cmd = ["sbatch", "--parsable", f"--array={','.join(todo)}", f"--output={logs}/%x-%A_%a.out", "slurm/single_node.sbatch", *sweep]
+    # GPU cells take the GPUs slurm/train.sbatch asks for (SBATCH_GPUS_PER_NODE replaces the count); cells pinned to
+    # the CPU (train.cpu=true, as the cpu variants are) ask for none, so they also run on clusters without GPUs.
+    cpu = all(load_config(c.config, list(c.overrides)).train.cpu for c in cells)
+    cmd = ["sbatch", "--parsable", f"--array={','.join(todo)}", f"--output={logs}/%x-%A_%a.out",
+           *(["--gpus-per-node=0"] if cpu else []), "slurm/train.sbatch", *sweep]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise FlowerdistError(f"sbatch failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}); submit from the repo root on a Slurm login node")

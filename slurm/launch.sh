@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared body of slurm/single_node.sbatch and slurm/multi_node.sbatch.
+# The body of slurm/train.sbatch.
 #
 #   launch.sh CONFIG [KEY=VALUE ...]            (in the batch step, on the head node)
 #   launch.sh --sweep FILE [--variant V]        (a task of `flowerdist sweep FILE --slurm`'s job array)
@@ -11,8 +11,11 @@
 # the batch step instead would start every node as rank 0 (accelerate #2816).
 #
 # Environment knobs (sbatch passes the submitter's environment, --export=ALL):
-#   FLOWERDIST_DEVICE=gpu|cpu        default gpu; cpu sets ACCELERATE_USE_CPU=1
-#   FLOWERDIST_PROCS_PER_NODE=N      default: GPUs on the node (cpu: 1)
+#   FLOWERDIST_RUN=NAME|PATH         the run directory: runs/NAME (or PATH). Default runs/<config>-slurm-<job id>,
+#                                    which a requeue keeps; name the run to resubmit it on another node count
+#   FLOWERDIST_DEVICE=gpu|cpu        default gpu, or cpu when the job asked for no GPUs (--gpus-per-node=0);
+#                                    cpu sets ACCELERATE_USE_CPU=1
+#   FLOWERDIST_PROCS_PER_NODE=N      default: the GPUs the job was given on each node (cpu: 1)
 #   FLOWERDIST_MIXED_PRECISION=...   default: train.mixed_precision of the config (cpu: no)
 #   FLOWERDIST_PORT=N                rendezvous port on the head node (default: derived
 #                                    from the job id; moved to a free port if busy)
@@ -45,7 +48,9 @@ if [ "$on_node" = 0 ]; then
         echo "flowerdist/slurm: sweep cell $SLURM_ARRAY_TASK_ID: $*"
     fi
     config=$1; shift
-    device=${FLOWERDIST_DEVICE:-gpu}
+    # --gpus-per-node=0 (or SBATCH_GPUS_PER_NODE=0) asks for no GPUs: the CPU path, unless told otherwise
+    [ "${SLURM_GPUS_PER_NODE:-}" = 0 ] && default_device=cpu || default_device=gpu
+    device=${FLOWERDIST_DEVICE:-$default_device}
     nnodes=${SLURM_NNODES:-1}
 
     # Validate the config and overrides once, before any process starts, and read
@@ -69,13 +74,17 @@ PY
         mp=no    # bf16 autocast is slower than fp32 on CPUs; fp16 needs a GPU
         ;;
     gpu)
-        per_node=${FLOWERDIST_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}}
-        per_node=${per_node##*:}   # --gpus-per-node=a100:4 gives "a100:4"
-        if [ -z "$per_node" ]; then
-            per_node=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-        fi
-        [ "${per_node:-0}" -ge 1 ] 2>/dev/null \
-            || die "no GPUs found on $(hostname); request them (--gpus-per-node=N) or run on CPUs with FLOWERDIST_DEVICE=cpu FLOWERDIST_PROCS_PER_NODE=N"
+        # The count asked for (--gpus-per-node); an --exclusive job may be given all of the node's, which
+        # SLURM_GPUS_ON_NODE then counts: the user's count wins.
+        given=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+        given=${given##*:}   # --gpus-per-node=a100:4 gives "a100:4"
+        [ "${given:-0}" -ge 1 ] 2>/dev/null \
+            || die "job $SLURM_JOB_ID was given no GPUs; slurm/train.sbatch asks for them with #SBATCH --gpus-per-node, so check that your sbatch line does not replace it with 0 (or run on CPUs: sbatch --gpus-per-node=0 with FLOWERDIST_PROCS_PER_NODE=N)"
+        per_node=${FLOWERDIST_PROCS_PER_NODE:-$given}
+        # The GPUs must also be usable by torch here, or every rank would fail later with a CUDA traceback.
+        seen=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+        [ "$seen" -ge "$per_node" ] \
+            || die "job $SLURM_JOB_ID was given $given GPU(s) on $(hostname) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}) but torch sees $seen; check the node's driver and that .venv has a CUDA build of torch"
         ;;
     *) die "FLOWERDIST_DEVICE must be gpu or cpu, not '$device'" ;;
     esac
@@ -105,21 +114,24 @@ s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.
     fi
     export FLOWERDIST_PORT
 
+    # The run directory: named after the job (a requeue keeps its id), or FLOWERDIST_RUN, which a resubmission on
+    # another number of nodes names again to continue the same run.
+    run=${FLOWERDIST_RUN:-$(basename "${config%.*}")-slurm-$SLURM_JOB_ID}
+    [[ $run == */* ]] || run=runs/$run
     echo "flowerdist/slurm: job $SLURM_JOB_ID: $nnodes node(s) x $per_node process(es) ($device)," \
-         "head $FLOWERDIST_HEAD:$FLOWERDIST_PORT, mixed precision $FLOWERDIST_MIXED_PRECISION"
+         "head $FLOWERDIST_HEAD:$FLOWERDIST_PORT, mixed precision $FLOWERDIST_MIXED_PRECISION, run $run"
     # Preemption and time limits: `#SBATCH --signal=B:USR1@120` warns this batch shell; we pass
     # USR1 to every process of the job step (the training ranks checkpoint at their next log
     # step and exit), then requeue the job. The requeued job runs this script again with the
-    # same arguments; `train.resume=auto` and a run directory named after the job id make it
-    # continue from that checkpoint. (A user's own train.output_dir/train.resume come later
-    # on the command line and win.)
+    # same arguments; `train.resume=auto` and the same run directory make it continue from that
+    # checkpoint. (A user's own train.output_dir/train.resume come later on the command line and win.)
     preempted=0
     trap 'preempted=1; echo "flowerdist/slurm: signal received, asking the ranks to checkpoint"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1 TERM
     # One task per node; if one node's launcher dies, end the others instead of
     # leaving them waiting at the rendezvous until the time limit.
     srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         bash "$SLURM_SUBMIT_DIR/slurm/launch.sh" --on-node "$config" \
-        "train.output_dir=runs/$(basename "${config%.*}")-slurm-$SLURM_JOB_ID" train.resume=auto "$@" &
+        "train.output_dir=$run" train.resume=auto "$@" &
     srun_pid=$!
     status=0
     # `wait` returns early when a trapped signal arrives: keep waiting for srun itself.

@@ -1,8 +1,11 @@
 """A real Slurm cluster of N nodes on this one machine, for tests (not a test file).
 
     with slurm_cluster(tmp_dir, nodes=2) as info:
-        job = info.submit("slurm/multi_node.sbatch", ["configs/x.yaml"], cwd=repo)
+        job = info.submit("slurm/train.sbatch", ["configs/x.yaml"], cwd=repo, sbatch_args=["--nodes=2"])
         state = info.wait_job(job, timeout=300)   # {"JobState": "COMPLETED", "ExitCode": "0:0", ...}
+
+Every node has `gpus` GPUs as Slurm sees them (count and CUDA_VISIBLE_DEVICES), backed by character devices
+equal to /dev/null: jobs can ask for GPUs and get them, and torch finds none.
 
 Needs root and Debian's slurmctld, slurmd, slurm-client and munge (`.ci/install_slurm.sh`);
 `can_run_slurm()` says why not otherwise. Slurm 22.05 is built with MULTIPLE_SLURMD, so
@@ -205,7 +208,17 @@ def _wait(ok, timeout: float, what: str, detail=lambda: "") -> None:
         time.sleep(0.1)
 
 
-def _write_conf(tmp: Path, spool: Path, nodes: int, base_port: int) -> Path:
+def _fake_gpus(tmp: Path, names: str, count: int) -> str:
+    """gres.conf for `count` GPUs per node, each a character device like /dev/null (Slurm needs device files)."""
+    for i in range(count):
+        dev = tmp / f"nvidia{i}"
+        if not dev.exists():
+            os.mknod(dev, 0o20666, os.makedev(1, 3))
+    (tmp / "gres.conf").write_text(f"NodeName={names} Name=gpu File={tmp}/nvidia[0-{count - 1}]\n" if count else "")
+    return f"Gres=gpu:{count}" if count else ""
+
+
+def _write_conf(tmp: Path, spool: Path, nodes: int, base_port: int, gpus: int = 0) -> Path:
     host = socket.gethostname()
     conf = tmp / "slurm.conf"
     names = f"node[1-{nodes}]" if nodes > 1 else "node1"
@@ -213,6 +226,7 @@ def _write_conf(tmp: Path, spool: Path, nodes: int, base_port: int) -> Path:
     conf.write_text(f"""\
 # Written by tests/slurm_cluster.py: {nodes} slurmd on one host, everything under {tmp}
 ClusterName=flowerdist-test
+GresTypes=gpu
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={base_port}
 SlurmUser=root
@@ -245,7 +259,7 @@ KillWait=2
 MinJobAge=60
 InactiveLimit=0
 FirstJobId={random.randint(1, 19000)}
-NodeName={names} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports} {_node_topology()} State=UNKNOWN
+NodeName={names} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports} {_node_topology()} {_fake_gpus(tmp, names, gpus)} State=UNKNOWN
 PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """)
     return conf
@@ -289,8 +303,8 @@ def _slurm_env(conf: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def slurm_cluster(tmp_dir: Path, nodes: int = 2, timeout: float = 30) -> Iterator[ClusterInfo]:
-    """Bring up slurmctld + `nodes` slurmd (node1..nodeN), yield once all are idle, then stop them."""
+def slurm_cluster(tmp_dir: Path, nodes: int = 2, gpus: int = 8, timeout: float = 30) -> Iterator[ClusterInfo]:
+    """Bring up slurmctld + `nodes` slurmd (node1..nodeN) with `gpus` GPUs each, yield once all are idle, then stop them."""
     ok, why = can_run_slurm()
     if not ok:
         raise RuntimeError(why)
@@ -305,7 +319,7 @@ def slurm_cluster(tmp_dir: Path, nodes: int = 2, timeout: float = 30) -> Iterato
 
     _ensure_munge()
     _ensure_hosts(names)
-    conf = _write_conf(tmp, spool, nodes, _free_port_block(nodes + 1))
+    conf = _write_conf(tmp, spool, nodes, _free_port_block(nodes + 1), gpus)
     env = _slurm_env(conf)
     info = ClusterInfo(conf=conf, env=env, nodes=names, tmp_dir=tmp, log_dir=tmp / "log",
                        pid_files=[tmp / "slurmctld.pid", *(tmp / f"slurmd-{n}.pid" for n in names)])

@@ -1,4 +1,5 @@
-"""The project's Slurm scripts on a real local Slurm cluster (2 nodes on this machine).
+"""The project's Slurm scripts on a real local Slurm cluster (2 nodes on this machine, 8 GPUs each as Slurm sees
+them; torch finds none, so training jobs run on CPUs with --gpus-per-node=0, as on a CPU cluster).
 
 Needs root and `.ci/install_slurm.sh`; skipped otherwise. The cluster comes up once for
 the module (well under 10 s). Jobs are submitted from the repo root, as users do, with
@@ -35,6 +36,10 @@ def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "flowers"
     run_cli("data", "synth", "--out", out, "--per-class", "8", "--size", "64", "--seed", "0")
     return out
+
+
+SCRIPT = "slurm/train.sbatch"
+CPUS = "--gpus-per-node=0"  # what a CPU cluster's user adds to the sbatch line
 
 
 def _run_job(cluster: ClusterInfo, tmp: Path, script: str, args: list[str], env: dict[str, str],
@@ -77,8 +82,8 @@ def _listen(port: int = 0) -> socket.socket:
 def test_busy_rendezvous_port_fails_fast_in_one_line(cluster: ClusterInfo, synth_data: Path, tmp_path: Path) -> None:
     with _listen() as busy:
         port = busy.getsockname()[1]
-        env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "2", "FLOWERDIST_PORT": str(port)}
-        info, log = _run_job(cluster, tmp_path, "slurm/single_node.sbatch", ["configs/quickstart.yaml", f"data.root={synth_data}"], env, timeout=60)
+        env = {"FLOWERDIST_PROCS_PER_NODE": "2", "FLOWERDIST_PORT": str(port)}
+        info, log = _run_job(cluster, tmp_path, SCRIPT, ["configs/quickstart.yaml", f"data.root={synth_data}"], env, [CPUS], timeout=60)
     why = _describe(info, log, cluster)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", why
     assert f"rendezvous port FLOWERDIST_PORT={port} on " in log and "is busy; choose a free port" in log, why
@@ -93,16 +98,12 @@ def _next_job_id(cluster: ClusterInfo, tmp: Path) -> int:
     return int(job) + 1
 
 
-@pytest.mark.parametrize(
-    "script, procs_per_node, nodes",
-    [("slurm/single_node.sbatch", 2, 1), ("slurm/multi_node.sbatch", 1, 2)],
-    ids=["1node-x-2procs", "2nodes-x-1proc"],
-)
-def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path,
-                      script: str, procs_per_node: int, nodes: int) -> None:
+@pytest.mark.parametrize("procs_per_node, nodes", [(2, 1), (1, 2)], ids=["1node-x-2procs", "2nodes-x-1proc"])
+def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path, procs_per_node: int, nodes: int) -> None:
+    """CPU jobs (--gpus-per-node=0 picks the CPU path) on one node and on two."""
     run_dir = tmp_path / "run"
-    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": str(procs_per_node),
-           "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env = {"FLOWERDIST_PROCS_PER_NODE": str(procs_per_node), "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    script, sbatch = SCRIPT, [CPUS, f"--nodes={nodes}"]
     # 40 images: small batches so each of the 2 ranks gets whole optimizer steps.
     args = ["configs/quickstart.yaml", "train.epochs=1", f"data.root={synth_data}",
             f"train.output_dir={run_dir}", "log.wandb=offline",
@@ -110,14 +111,14 @@ def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path,
     if nodes == 1:  # another job holds the port this job derives from its id: it must move to a free one
         derived = 20000 + _next_job_id(cluster, tmp_path) % 20000
         with _listen(derived):
-            info, log = _run_job(cluster, tmp_path, script, args, env)
+            info, log = _run_job(cluster, tmp_path, script, args, env, sbatch)
         assert f"rendezvous port {derived} on " in log and "is busy; using port" in log, _describe(info, log, cluster)
     else:
-        info, log = _run_job(cluster, tmp_path, script, args, env)
+        info, log = _run_job(cluster, tmp_path, script, args, env, sbatch)
     why = _describe(info, log, cluster)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
     assert info["NumNodes"] == str(nodes), why
-    assert "world_size=2" in log, why
+    assert "world_size=2" in log and f"{nodes} node(s) x {procs_per_node} process(es) (cpu)" in log, why
     # Each node's launcher must get its own rank (all-rank-0 is the classic trap).
     assert set(re.findall(r"machine_rank=(\d+)", log)) == {str(r) for r in range(nodes)}, why
     assert run_dir.is_dir(), why
@@ -144,9 +145,8 @@ def test_preempted_job_requeues_resumes_and_matches(cluster: ClusterInfo, tiny_d
     ref = uninterrupted(2)  # the resume tests' 2-process reference run
     run_dir = tmp_path / "run"
     _, config, *overrides = resume_args(tiny_data, run_dir, batch(2))
-    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "2", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_DIR": str(tmp_path)}
-    job = cluster.submit("slurm/single_node.sbatch", [config, *overrides],
-                         env=env, cwd=REPO, sbatch_args=[f"--output={tmp_path}/%x-%j.out"])
+    env = {"FLOWERDIST_PROCS_PER_NODE": "2", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_DIR": str(tmp_path)}
+    job = cluster.submit(SCRIPT, [config, *overrides], env=env, cwd=REPO, sbatch_args=[f"--output={tmp_path}/%x-%j.out", CPUS])
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -166,8 +166,9 @@ def test_preempted_job_requeues_resumes_and_matches(cluster: ClusterInfo, tiny_d
 
 
 def test_preempted_on_two_nodes_resumes_on_one(cluster: ClusterInfo, tiny_data: Path, tmp_path: Path) -> None:
-    """2 nodes x 1 process, preempted (USR1), then resubmitted on 1 node x 1 process with train.resume: the
-    accumulation keeps the global batch and the run ends with the uninterrupted 2-process run's weights."""
+    """2 nodes x 1 process, preempted (USR1), then resubmitted on 1 node x 1 process under the same FLOWERDIST_RUN
+    (nothing else names the run directory): the resubmission continues the run, the accumulation keeps the global
+    batch, and the run ends with the uninterrupted 2-process run's weights."""
     import json
     import time
 
@@ -178,10 +179,10 @@ def test_preempted_on_two_nodes_resumes_on_one(cluster: ClusterInfo, tiny_data: 
     from test_resume import start
 
     run_dir, ref = tmp_path / "run", tmp_path / "ref"
-    args = [*train_args(tiny_data, run_dir, *LAYOUT_RUN, "train.max_steps=30", "train.checkpoint_every=0")][1:]  # drop -c
-    env = {"FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    job = cluster.submit("slurm/multi_node.sbatch", args, env=env, cwd=REPO,
-                         sbatch_args=["--nodes=2", f"--output={tmp_path}/%x-%j.out"])
+    args = [a for a in train_args(tiny_data, run_dir, *LAYOUT_RUN, "train.max_steps=30", "train.checkpoint_every=0")[1:]  # drop -c
+            if not a.startswith("train.output_dir=")]
+    env = {"FLOWERDIST_RUN": str(run_dir), "FLOWERDIST_PROCS_PER_NODE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    job = cluster.submit(SCRIPT, args, env=env, cwd=REPO, sbatch_args=["--nodes=2", CPUS, f"--output={tmp_path}/%x-%j.out"])
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and max((json.loads(l)["step"] for l in metrics.read_text().splitlines() if l) if metrics.is_file() else [0], default=0) < 3:
@@ -199,11 +200,11 @@ def test_preempted_on_two_nodes_resumes_on_one(cluster: ClusterInfo, tiny_data: 
     assert 3 <= stopped < 30
     end = f"train.max_steps={stopped + 2}"
     reference = start(2, train_args(tiny_data, ref, *LAYOUT_RUN, end, "train.checkpoint_every=0"), threads=1)
-    info, log = _run_job(cluster, tmp_path, "slurm/single_node.sbatch",
-                         [*args, f"train.output_dir={run_dir}", "train.resume=auto", end], env)
+    info, log = _run_job(cluster, tmp_path, SCRIPT, [*args, end], env, [CPUS])
     finished(reference)
     why = _describe(info, log, cluster)
     assert info["JobState"] == "COMPLETED", why
+    assert f"run {run_dir}" in log and "resuming from" in log, why
     assert "world_size=1" in log and "train.grad_accum_steps=2 keeps the global batch 8 = 4 per device x 1 processes x 2" in log, why
     assert samples_per_step(run_dir) == samples_per_step(ref)
     assert_same_weights(load_file(run_dir / "checkpoints" / "last" / "model.safetensors"),
@@ -220,8 +221,9 @@ def test_sweep_submits_one_job_array_and_skips_done_cells(cluster: ClusterInfo, 
     from test_sweep import sweep_file
 
     path = sweep_file(tmp_path, tiny_data, overrides=[f"data.root={tiny_data}", "data.synthetic=false", "data.image_size=32",
-                                                       "data.batch_size=16", "log.wandb=disabled", "log.progress=false", "train.epochs=1"])
-    env = {**cluster.env, "FLOWERDIST_DEVICE": "cpu", "FLOWERDIST_PROCS_PER_NODE": "1", "HF_HUB_OFFLINE": "1"}
+                                                       "data.batch_size=16", "log.wandb=disabled", "log.progress=false", "train.epochs=1",
+                                                       "train.cpu=true"])  # CPU cells: the array asks for no GPUs
+    env = {**cluster.env, "FLOWERDIST_PROCS_PER_NODE": "1", "HF_HUB_OFFLINE": "1"}
     sweep = [sys.executable, "-m", "flowerdist", "sweep", str(path), "--slurm"]
     out = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -239,3 +241,33 @@ def test_sweep_submits_one_job_array_and_skips_done_cells(cluster: ClusterInfo, 
     again = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "nothing to submit, every cell is done" in again.stdout, again.stdout + again.stderr
     assert not list((REPO / "logs").glob(f"*-{submitted['job']}_*"))  # the logs stay beside the cells, not in the repo
+    state = subprocess.run(["scontrol", "show", "job", "-o", submitted["job"]], env=cluster.env, capture_output=True, text=True).stdout
+    assert "gres:gpu:0" in state or "TresPerNode" not in state, state  # no GPUs asked for
+
+
+def test_gpu_jobs_ask_for_the_gpus_they_start_a_process_for(cluster: ClusterInfo, tiny_data: Path, tmp_path: Path) -> None:
+    """A GPU sweep's array asks for the GPUs of slurm/train.sbatch (8, its one --gpus-per-node line), read back from
+    slurmctld; the job starts one process per GPU it was given, and a command-line count replaces the default.
+    This cluster's GPUs exist only for Slurm, so each job then stops in one line: torch sees none."""
+    import json
+
+    from test_sweep import sweep_file
+
+    path = sweep_file(tmp_path, tiny_data, grid={"train.seed": [0]})
+    env = {**cluster.env, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "flowerdist", "sweep", str(path), "--slurm"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    array = json.loads(out.stdout.strip().splitlines()[-1])["job"]
+    jobs = [(array, tmp_path / "sweep" / "slurm-logs", 8)]
+    other = cluster.submit(SCRIPT, ["configs/quickstart.yaml"], cwd=REPO, sbatch_args=[f"--output={tmp_path}/%x-%j.out", "--gpus-per-node=2"])
+    jobs.append((other, tmp_path, 2))
+    for job, logs, gpus in jobs:
+        state = subprocess.run(["scontrol", "show", "job", "-o", job], env=cluster.env, capture_output=True, text=True).stdout
+        assert f"TresPerNode=gres:gpu:{gpus}" in state, state
+        info = cluster.wait_job(job, 120)
+        log = "".join(p.read_text(errors="replace") for p in logs.glob(f"*{job}*.out"))
+        why = _describe(info, log, cluster)
+        assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", why
+        assert f"1 node(s) x {gpus} process(es) (gpu)" not in log  # it stops before launching anything...
+        assert f"was given {gpus} GPU(s) on " in log and "but torch sees 0" in log and "Traceback" not in log, why
