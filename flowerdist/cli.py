@@ -111,6 +111,12 @@ def _bench(args) -> None:
     run_bench(args)
 
 
+def _rendezvous_store(args) -> None:
+    from flowerdist.rendezvous import serve
+
+    serve(args.host, args.port)
+
+
 def _models(args) -> None:
     from flowerdist.models import list_models
 
@@ -180,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("rendezvous-store", help="host elastic training's rendezvous store on a machine that outlives the nodes")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=29400)
+    p.set_defaults(func=_rendezvous_store)
 
     p = sub.add_parser("models", help="list the model names")
     p.set_defaults(func=_models)
