@@ -19,6 +19,17 @@ def _train(args) -> None:
     train(cfg)
 
 
+def _config(args) -> None:
+    from flowerdist.config import keys_table, load_config
+
+    if args.keys:
+        print(keys_table())
+        return
+    import yaml
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+
+
 def _eval(args) -> None:
     from flowerdist.inference import run_eval
 
@@ -131,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="YAML config (see configs/); defaults apply without one")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=0.01")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults < YAML < KEY=VALUE), or every key with --keys")
+    p.add_argument("-c", "--config", help="YAML config (see configs/)")
+    p.add_argument("--keys", action="store_true", help="the markdown table of every key: default and meaning")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint path")

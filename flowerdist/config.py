@@ -398,6 +398,45 @@ def validate(cfg: Config) -> None:
         )
 
 
+def field_docs() -> dict[str, str]:
+    """Dotted key -> the docstring written under its field in this file. Python keeps no attribute docstrings, so
+    they are read from the source: the README's key table is generated from them (`flowerdist config --keys`)."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs = by_class.setdefault(node.name, {})
+            for field_node, doc in zip(node.body, node.body[1:]):
+                if isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+                    docs[field_node.target.id] = " ".join(str(doc.value.value).split())
+    out = {}
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else typing.get_type_hints(Config)[f.name]):
+            section = typing.get_type_hints(Config)[f.name]
+            out.update({f"{f.name}.{k}": v for k, v in by_class[section.__name__].items()})
+        else:
+            out[f.name] = by_class["Config"][f.name]
+    return out
+
+
+def keys_table() -> str:
+    """The markdown table of every config key: key, default, meaning (the field's docstring)."""
+    docs, defaults = field_docs(), Config().flat()
+    missing = sorted(set(defaults) - set(docs))
+    if missing:
+        raise FlowerdistError(f"config keys without a docstring in flowerdist/config.py: {', '.join(missing)}")
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default in defaults.items():
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else f'"{default}"' if default == "" else default
+        meaning = docs[key].replace("|", "\\|")
+        rows.append(f"| `{key}` | `{shown}` | {meaning} |")
+    return "\n".join(rows)
+
+
 def _get(cfg: Config, key: str) -> Any:
     target: Any = cfg
     for part in key.split("."):

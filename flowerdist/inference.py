@@ -15,7 +15,8 @@ from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.dataset import FlowerDataset
 from flowerdist.data.folder import load_split, scan_folder
 from flowerdist.data.images import IMAGE_EXTENSIONS, check_image, load_rgb
-from flowerdist.data.loader import make_loader, resolve_workers
+from flowerdist.data.costs import choose_data_path
+from flowerdist.data.loader import make_loader
 from flowerdist.data.transforms import eval_transform, to_model_input
 from flowerdist.errors import FlowerdistError
 from flowerdist.evaluate import evaluate
@@ -60,7 +61,7 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
         _, indices = load_split(run_split(ckpt, cfg, classes), index)
         scope = f"validation split of {ckpt.parent.parent}"
     cpu = torch.device("cpu")
-    workers = resolve_workers(cfg.data.num_workers, cpu)
+    workers = choose_data_path(cfg.data.num_workers, False, cpu, 1).workers
     loader = make_loader(FlowerDataset(index, eval_transform(cfg.eval_image_size)), indices, cfg.data.batch_size, workers, cpu)
     result = evaluate(model, loader, len(classes), cpu)
     return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), **result}

@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 
 from flowerdist.checkpoint import Checkpointer, weights_digest
 from flowerdist.config import Config, save_config
-from flowerdist.data.cache import cache_root, open_cache
+from flowerdist.data.cache import cache_fits, cache_root, open_cache
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.dataset import FlowerDataset
 from flowerdist.data.folder import ImageFolderIndex, load_split, save_split, scan_folder, stratified_split
-from flowerdist.data.loader import make_loader, resolve_workers
+from flowerdist.data.costs import choose_data_path, folder_and_cache_costs
+from flowerdist.data.loader import make_loader
 from flowerdist.data.sampler import ShardedSampler, eval_shard
 from flowerdist.data.transforms import eval_transform, to_model_input, train_transform
 from flowerdist.ema import build_ema
@@ -335,11 +336,12 @@ def build_data(cfg: Config, accelerator: Accelerator, resume: Resume | None) -> 
         train_idx, val_idx = stratified_split(index.labels, cfg.data.val_fraction, cfg.train.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = ShardedSampler(train_idx, cfg.data.batch_size, rank, world, cfg.train.grad_accum_steps, cfg.train.seed)
-    cache = open_decoded_cache(cfg, index, accelerator)
-    train_set = FlowerDataset(index, train_transform(cfg.data.image_size, cfg.data.min_scale, cfg.augment), cfg.train.seed, cache=cache)
+    transform = train_transform(cfg.data.image_size, cfg.data.min_scale, cfg.augment)
+    path = data_path(cfg, index, transform, accelerator)
+    cache = open_decoded_cache(cfg, index, accelerator) if path.cache else None
+    train_set = FlowerDataset(index, transform, cfg.train.seed, cache=cache)
     val_set = FlowerDataset(index, eval_transform(cfg.eval_image_size), cache=cache)
-    workers = resolve_workers(cfg.data.num_workers, accelerator.device, local_processes(accelerator))
-    loader = dict(batch_size=cfg.data.batch_size, workers=workers, device=accelerator.device, prefetch_factor=cfg.data.prefetch_factor)
+    loader = dict(batch_size=cfg.data.batch_size, workers=path.workers, device=accelerator.device, prefetch_factor=cfg.data.prefetch_factor)
     return Data(index, train_idx, val_idx, sampler, make_loader(train_set, sampler, **loader),
                 make_loader(val_set, eval_shard(val_idx, rank, world), **loader))
 
@@ -376,14 +378,27 @@ def checked_index(root: str, accelerator: Accelerator) -> ImageFolderIndex:
     return usable_index(index, skipped[0])
 
 
+def data_path(cfg: Config, index: ImageFolderIndex, transform, accelerator: Accelerator):
+    """Workers and cache for this run (`flowerdist.data.costs.choose_data_path`), decided by the main process, which
+    times the pipeline when `auto` needs it, and told to every rank: the ranks of a node must agree on the cache."""
+    decision = [None]
+    if accelerator.is_main_process:
+        short = cfg.data.cache_size or None
+        auto_cache = accelerator.device.type == "cuda" and cfg.data.cache == "auto"
+        fits = cache_fits(index, short, cache_root(cfg.data.root, cfg.data.cache_dir)) if auto_cache else True
+        costs = lambda: folder_and_cache_costs(index, transform, short, cfg.train.seed)  # noqa: E731 (measured only if needed)
+        decision = [choose_data_path(cfg.data.num_workers, cfg.data.cache, accelerator.device, local_processes(accelerator), costs, fits)]
+        say(accelerator, f"flowerdist: data: {decision[0].why}")
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    return decision[0]
+
+
 def open_decoded_cache(cfg: Config, index: ImageFolderIndex, accelerator: Accelerator):
     """`data.cache`: the local main process of each node builds the cache once, the other ranks then map it.
 
-    `auto` turns it on for CPU training; if it cannot be written there, training reads the folder instead.
+    If an `auto` cache cannot be written, training reads the folder instead.
     """
-    wanted = cfg.data.cache if cfg.data.cache != "auto" else accelerator.device.type == "cpu"
-    if not wanted:
-        return None
     try:
         with accelerator.local_main_process_first():
             return open_cache(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import statistics
 
 import pytest
@@ -56,7 +57,7 @@ def test_downscaled_cache_same_labels_same_eval_pixels_close_train_crops(tiny_da
 
 def test_changed_folder_gets_a_new_cache(tiny_data, tmp_path):
     folder = tmp_path / "flowers"
-    os.system(f"cp -r {tiny_data} {folder}")
+    shutil.copytree(tiny_data, folder)
     index = scan_folder(folder)
     first = open_cache(index, 64, tmp_path / "cache", build=True, **SILENT).folder
     assert open_cache(index, 64, tmp_path / "cache", build=False).folder == first  # reused, not rebuilt
@@ -79,24 +80,85 @@ def test_unwritable_cache_dir_is_a_one_line_error(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_from_the_cache_ends_with_the_same_weights(tiny_data, tmp_path):
-    digests = []
-    for cache in ("false", "true"):
+def test_the_gpu_data_paths_train_the_cpu_paths_weights(tiny_data, tmp_path):
+    """The loader configurations a GPU run uses (worker processes that prefetch and stay alive across epochs, decoding
+    the folder or reading the cache) give the same pixels, so the same weights, as the CPU default (the cache, read
+    in the training process). Pinned memory is the one GPU piece left out: torch pins only with a CUDA driver."""
+    digests = {}
+    paths = {"cpu-default": ("data.num_workers=auto", "data.cache=auto"), "gpu-folder": ("data.num_workers=2", "data.cache=false"),
+             "gpu-cache": ("data.num_workers=2", "data.cache=true")}
+    for name, settings in paths.items():
         out = run_cli(
-            "train", "-c", "configs/quickstart.yaml", f"data.root={tiny_data}", *TINY, "data.image_size=56", "data.num_workers=1",
-            f"data.cache={cache}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=3", "train.epochs=1",
-            f"train.output_dir={tmp_path / cache}", "log.wandb=disabled",
+            "train", "-c", "configs/quickstart.yaml", f"data.root={tiny_data}", *TINY, "data.image_size=56", *settings,
+            "data.prefetch_factor=4", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=12", "train.epochs=2",
+            f"train.output_dir={tmp_path / name}", "log.wandb=disabled",
         ).stdout
-        digests.append(re.search(r"weights sha256 (\w+)", out).group(1))
-    assert digests[0] == digests[1]
+        digests[name] = re.search(r"weights sha256 (\w+)", out).group(1)
+        workers = 0 if name == "cpu-default" else 2
+        assert f"flowerdist: data: {workers} DataLoader workers" in out and f"decoded cache {'off' if name == 'gpu-folder' else 'on'}" in out
+    assert len(set(digests.values())) == 1, digests  # 12 steps over two epochs: the workers' second epoch too
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def test_a_failed_build_leaves_nothing_behind(tiny_data, tmp_path):
     folder = tmp_path / "flowers"
-    os.system(f"cp -r {tiny_data} {folder}")
+    shutil.copytree(tiny_data, folder)
     index = scan_folder(folder)
     (folder / index.files[-1]).write_bytes(b"not a jpeg")  # decoding fails at the last image
     with pytest.raises(OSError):
         open_cache(index, 64, tmp_path / "cache", build=True, **SILENT)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ---- data.num_workers=auto and data.cache=auto ------------------------------------------------------------------
+
+
+def test_auto_on_the_cpu_reads_the_cache_in_the_training_process():
+    from flowerdist.data.costs import choose_data_path
+
+    path = choose_data_path("auto", "auto", torch.device("cpu"), 1, costs=lambda: pytest.fail("the CPU rule measures nothing"))
+    assert (path.workers, path.cache) == (0, True) and "auto on the CPU" in path.why
+
+
+def test_auto_on_a_gpu_takes_the_cpus_this_process_may_use():
+    """Workers follow the affinity mask (what Slurm or taskset gives), shared by the node's ranks; not os.cpu_count()."""
+    from flowerdist.data.costs import available_cpus, choose_data_path
+
+    measured = lambda: (4.0, 1.0)  # noqa: E731
+    gpu = torch.device("cuda")
+    assert choose_data_path("auto", "auto", gpu, 1, measured, cpus=16).workers == 16
+    assert choose_data_path("auto", "auto", gpu, 4, measured, cpus=16).workers == 4
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        assert available_cpus() == 1 and choose_data_path("auto", "auto", gpu, 1, measured).workers == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert choose_data_path(3, "auto", gpu, 1, measured, cpus=16).workers == 3  # a number is a number
+
+
+def test_auto_cache_on_a_gpu_follows_the_measurement_and_the_room():
+    from flowerdist.data.costs import choose_data_path
+
+    gpu = torch.device("cuda")
+    faster = choose_data_path("auto", "auto", gpu, 1, lambda: (4.0, 1.5), cpus=8)
+    assert faster.cache and "1.50 ms per image from the cache, 4.00 ms from the folder" in faster.why
+    assert "about 5,333 images/s per rank" in faster.why  # 8 workers at 1.5 ms
+    assert not choose_data_path("auto", "auto", gpu, 1, lambda: (1.0, 1.5), cpus=8).cache  # measured slower: the folder
+    assert not choose_data_path("auto", "auto", gpu, 1, lambda: (4.0, 1.5), cache_fits=False, cpus=8).cache
+    assert choose_data_path("auto", True, gpu, 1, lambda: pytest.fail("no measurement"), cpus=8).cache
+
+
+def test_stage_costs_time_every_stage_of_the_training_pipeline(tiny_data):
+    from flowerdist.config import AugmentConfig
+    from flowerdist.data.costs import DecodedSample, folder_and_cache_costs, stage_costs
+
+    index = scan_folder(tiny_data)
+    transform = train_transform(48, 0.25, AugmentConfig(auto_augment="trivialaugment", random_erasing=0.25))
+    folder = stage_costs(index, transform, count=8)
+    cached = stage_costs(index, transform, cache=DecodedSample(index, None, 8), count=8)
+    assert list(folder) == ["decode", "crop + resize", "flip", "trivialaugment", "erasing", "collate"]
+    assert list(cached)[0] == "cache copy" and list(cached)[1:] == list(folder)[1:]
+    assert all(v > 0 for v in folder.values()) and cached["cache copy"] < folder["decode"]
+    total_folder, total_cache = folder_and_cache_costs(index, transform, None, count=8)
+    assert total_cache < total_folder

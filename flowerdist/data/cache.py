@@ -96,15 +96,26 @@ class _Decode(torch.utils.data.Dataset):
         return self.resize(v2.functional.pil_to_tensor(load_rgb(self.index.root / self.index.files[i]))).contiguous()
 
 
-def _estimated_bytes(index: ImageFolderIndex, short_side: int | None) -> int:
-    """From the image headers (no decoding): what the cache file will take, within rounding."""
+def _estimated_bytes(index: ImageFolderIndex, short_side: int | None, sample: int | None = None) -> int:
+    """From the image headers (no decoding): what the cache file will take, within rounding; from `sample` evenly
+    spread headers scaled to the whole folder when given (a quick estimate for a large folder)."""
+    picks = range(len(index)) if sample is None or sample >= len(index) else [i * len(index) // sample for i in range(sample)]
     total = 0
-    for rel in index.files:
-        with Image.open(index.root / rel) as img:
+    for i in picks:
+        with Image.open(index.root / index.files[i]) as img:
             w, h = img.size
         side = short_side or min(w, h)
         total += 3 * side * max(1, round(side * max(w, h) / max(1, min(w, h))))
-    return total
+    return total * len(index) // max(1, len(picks))
+
+
+def cache_fits(index: ImageFolderIndex, short_side: int | None, root: Path) -> bool:
+    """Whether the cache would fit the free disk at `root` and half of this machine's memory (so that the page
+    cache keeps it: a cache read from disk on every epoch would not be faster than the JPEGs)."""
+    need = _estimated_bytes(index, short_side, sample=64)
+    probe = next((p for p in (root, *root.parents) if p.exists()), Path("."))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return need * 1.05 < shutil.disk_usage(probe).free and need < memory / 2
 
 
 def build_cache(index: ImageFolderIndex, short_side: int | None, folder: Path, workers: int = 0, log=print) -> None:

@@ -7,16 +7,6 @@ import os
 import torch
 
 
-def resolve_workers(setting: int | str, device: torch.device, local_processes: int = 1) -> int:
-    """`data.num_workers=auto`: none on the CPU, where worker processes would compete with the model for the
-    same cores (the cache makes in-process loading cheap); on a GPU min(8, CPUs per process)."""
-    if setting != "auto":
-        return int(setting)
-    if device.type == "cpu":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_processes)))
-
-
 def make_loader(dataset, sampler, batch_size: int, workers: int, device: torch.device, prefetch_factor: int = 4, **kwargs) -> torch.utils.data.DataLoader:
     """Workers stay alive across epochs and prefetch; pinned host memory makes the uint8 copies to a GPU asynchronous.
 
