@@ -53,9 +53,12 @@ def _csv(text: str, allowed=None) -> list[str]:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="resnet18", help="model name (see `flowerdist models`)")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32, help="images per step (per device)")
+    p.add_argument("--batch", type=int, default=32, help="images per step per device (the ddp part splits it over its processes, "
+                   "so both of its runs train the same global batch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="no", help="comma list of no, bf16, fp16 (fp16 only on CUDA)")
+    p.add_argument("--precision", default="no", help="comma list of no, bf16, fp16 (fp16 on the CPU runs the GPU's scaler path, slowly)")
+    p.add_argument("--config", help="a recipe whose augmentation (and MixUp/CutMix, EMA) the loops and the pipeline use, "
+                   "e.g. configs/flowers/resnet50_gpu.yaml (default: crop + flip)")
     p.add_argument("--data", help="image folder ROOT/<class>/<image> (default: a generated set, made once under data/)")
     p.add_argument("--data-path", default="auto", help="comma list of auto (flowerdist's default for the device), folder, cache")
     p.add_argument("--synthetic-per-class", type=int, default=400)
@@ -150,6 +153,7 @@ def run_bench(args) -> dict:
         "model": args.model, "image_size": args.image_size, "batch": args.batch, "device": device, "data": data,
         "workers": args.workers, "plain_workers": args.plain_workers, "workers_list": pipeline_workers, "window": args.window, "windows": args.windows,
         "channels_last": args.channels_last, "compile": args.compile, "bucket_cap_mb": args.bucket_cap_mb, "wandb": args.wandb, "threads": args.threads or None,
+        "config": args.config,
     }
     report = {"command": "flowerdist bench " + " ".join(sys.argv[2:]), "env": environment(device), "spec": base, "rows": [], "skipped": []}
     rows = report["rows"]
@@ -162,9 +166,6 @@ def run_bench(args) -> dict:
     started = time.perf_counter()
     pipelines_measured: set[str] = set()
     for precision in precisions:
-        if precision == "fp16" and device == "cpu":
-            report["skipped"].append("fp16: needs CUDA (flowerdist refuses fp16 on the CPU; its gradient scaler is a CUDA path)")
-            continue
         for i, path in enumerate(data_paths):
             spec = {**base, "precision": precision, "cache": {"auto": "auto", "folder": False, "cache": True}[path]}
             # the model step joins the rounds of the first data path, so drift hits it like the loops
@@ -172,6 +173,7 @@ def run_bench(args) -> dict:
             pooled: dict[str, list[float]] = {p: [] for p in loops}
             waits: dict[str, list[float]] = {p: [] for p in loops}
             medians: dict[str, list[float]] = {p: [] for p in loops}
+            kept: dict[str, dict] = {p: {} for p in loops}  # peak memory (largest over rounds), the first step's seconds
             for rnd in range(args.rounds):
                 for part in loops[rnd % len(loops):] + loops[: rnd % len(loops)]:  # rotate the order
                     tag = f"{part}-{precision}-{path}-r{rnd}"
@@ -179,14 +181,19 @@ def run_bench(args) -> dict:
                     pooled[part] += r["rates"]
                     waits[part].append(r.get("data_wait", 0.0))
                     medians[part].append(statistics.median(r["rates"]))
+                    if r.get("peak_memory_mib", 0) >= kept[part].get("peak_memory_mib", 0):
+                        kept[part].update({k: r[k] for k in ("peak_memory_mib", "peak_memory_of") if k in r})
+                    kept[part].setdefault("first_step_s", r.get("first_step_s"))
             for part in loops:
                 extra = {"precision": precision} if part == "model" else {"precision": precision, "data_path": path, "data_wait": statistics.mean(waits[part])}
-                note(_row(part, pooled[part], round_medians=medians[part], **extra))
+                more = {k: v for k, v in kept[part].items() if v is not None}
+                note(_row(part, pooled[part], round_medians=medians[part], **extra, **more))
             if "pipeline" in parts and path not in pipelines_measured:  # no model in it: once per data path
                 pipelines_measured.add(path)
                 r = run_part("pipeline", spec, out_dir, f"pipeline-{path}")
                 for workers, rates in r["rates_by_workers"].items():
                     note(_row("pipeline", rates, data_path=path, workers=int(workers)))
+                report.setdefault("stages_ms", {})[path] = r["stages_ms"]
     if "ddp" in parts:
         report["ddp"] = run_ddp({**base, "precision": precisions[0], "cache": False}, out_dir, note)
     report["ratios"] = ratios(rows, args.plain_workers)
@@ -246,6 +253,24 @@ def ratios(rows: list[dict], plain_workers: int) -> dict:
     return out
 
 
+def stage_table(stages: dict[str, dict[str, float]]) -> list[str]:
+    """Per-image cost of each pipeline stage on one core, by data path, and the cores that feed a GPU at each rate."""
+    if not stages:
+        return []
+    from flowerdist.data.costs import RATES, cores_needed
+
+    paths = list(stages)
+    names = list(dict.fromkeys(name for path in paths for name in stages[path]))
+    lines = [f"| stage, ms per image on one core | {' | '.join(paths)} |", f"| --- |{' ---: |' * len(paths)}"]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{stages[p][name]:.3f}" if name in stages[p] else "" for p in paths) + " |")
+    totals = {p: sum(stages[p].values()) for p in paths}
+    lines.append("| **total** | " + " | ".join(f"**{totals[p]:.2f}**" for p in paths) + " |")
+    for rate in RATES:
+        lines.append(f"| cores per GPU at {rate:,} images/s | " + " | ".join(f"{cores_needed(totals[p], rate):.1f}" for p in paths) + " |")
+    return lines + [""]
+
+
 def _label(row: dict) -> str:
     text = LABELS[row["part"]]
     if row["part"] == "pipeline":
@@ -263,13 +288,16 @@ def format_report(report: dict) -> str:
         f"device {env['device_name']}, {spec['threads'] or env['threads']} torch threads per process, torch {env['torch']}, torchvision {env['torchvision']}, accelerate {env['accelerate']}, "
         f"timm {env['timm']}, python {env['python']}",
         "",
-        f"| {'part':<58} | images/s | min-max        | data wait |",
-        f"| {'-' * 58} | -------: | -------------- | --------: |",
+        f"| {'part':<58} | images/s | min-max        | data wait | peak memory (MiB) |",
+        f"| {'-' * 58} | -------: | -------------- | --------: | ----------------: |",
     ]
     for r in report["rows"]:
         wait = f"{r['data_wait']:.1%}" if "data_wait" in r else ""
-        lines.append(f"| {_label(r):<58} | {r['images_per_s']:8.1f} | {r['min']:6.1f}-{r['max']:<7.1f} | {wait:>9} |")
-    lines.append("")
+        memory = f"{r['peak_memory_mib']:,.0f} {r['peak_memory_of']}" if "peak_memory_mib" in r else ""
+        lines.append(f"| {_label(r):<58} | {r['images_per_s']:8.1f} | {r['min']:6.1f}-{r['max']:<7.1f} | {wait:>9} | {memory:>17} |")
+    compiled = [r for r in report["rows"] if r["part"] == "model" and spec["compile"] and "first_step_s" in r]
+    lines += [f"first step (compilation): {r['first_step_s']:.1f} s ({r['precision']}), not in the images/s" for r in compiled]
+    lines += ["", *stage_table(report.get("stages_ms", {}))]
     ratios_ = report["ratios"]
     for name, value in ratios_.items():
         if " per round " in name:

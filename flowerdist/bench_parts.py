@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import itertools
 import json
 import math
 import statistics
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from flowerdist.distributed import peak_memory
 
 
 def sync(device: torch.device) -> None:
@@ -97,11 +98,26 @@ def part_model(spec: dict, device: torch.device) -> dict:
     images = torch.randn(b, 3, s, s, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, 5, (b,), device=device)
     step = train_step(model, optimizer, criterion, scaler, device, spec["precision"])
-    return {"rates": timed_windows(lambda: step(images, labels), spec, device, b)}
+    start = time.perf_counter()
+    step(images, labels)  # the first step: torch.compile compiles here, cuDNN autotunes
+    sync(device)
+    first = time.perf_counter() - start
+    return {"rates": timed_windows(lambda: step(images, labels), spec, device, b), "first_step_s": first, **peak_memory(device)}
+
+
+def recipe(spec: dict):
+    """The augmentation and crop scale of `spec["config"]` (a recipe file), or plain crop + flip without one."""
+    from flowerdist.config import load_config
+
+    cfg = load_config(spec.get("config"), [f"model.name={spec['model']}", f"data.image_size={spec['image_size']}", "data.eval_image_size=0"])
+    return cfg.data.min_scale, (cfg.augment if spec.get("config") else None)
 
 
 def train_loader(spec: dict, device: torch.device, workers: int):
-    """What the plain loop and the pipeline part read: flowerdist's dataset, a plain shuffling DataLoader."""
+    """What the plain loop and the pipeline part read: flowerdist's dataset and transforms, a plain DataLoader.
+
+    One long epoch of random draws: its workers never restart, so no window includes an epoch's refill (flowerdist's
+    own loop skips the windows that do, see part_flowerdist)."""
     from flowerdist.data.cache import cache_root, open_cache
     from flowerdist.data.dataset import FlowerDataset
     from flowerdist.data.folder import scan_folder
@@ -109,17 +125,11 @@ def train_loader(spec: dict, device: torch.device, workers: int):
     from flowerdist.data.transforms import train_transform
 
     index = scan_folder(spec["data"])
-    cache = None
-    if spec["cache"] is True or (spec["cache"] == "auto" and spec["device"] == "cpu"):  # auto: flowerdist's default
-        cache = open_cache(index, None, cache_root(spec["data"], ""), build=True, workers=workers)
-    dataset = FlowerDataset(index, train_transform(spec["image_size"]), seed=0, cache=cache)
-    return make_loader(dataset, None, spec["batch"], workers, device, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
-
-
-def endless(loader):
-    """Batches across epoch boundaries, the way a multi-epoch run meets them."""
-    for _ in itertools.count():
-        yield from loader
+    cache = open_cache(index, None, cache_root(spec["data"], ""), build=True, workers=workers) if spec["cache"] is True else None
+    min_scale, augment = recipe(spec)
+    dataset = FlowerDataset(index, train_transform(spec["image_size"], min_scale, augment), seed=0, cache=cache)
+    draws = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**8, generator=torch.Generator().manual_seed(0))
+    return make_loader(dataset, draws, spec["batch"], workers, device, drop_last=True)
 
 
 def part_plain(spec: dict, device: torch.device) -> dict:
@@ -127,7 +137,7 @@ def part_plain(spec: dict, device: torch.device) -> dict:
 
     model, optimizer, criterion, scaler, memory_format = build(spec, device)
     step = train_step(model, optimizer, criterion, scaler, device, spec["precision"])
-    batches = endless(train_loader({**spec, "cache": spec["cache"] is True}, device, spec["plain_workers"]))  # a plain loop reads the folder
+    batches = iter(train_loader({**spec, "cache": spec["cache"] is True}, device, spec["plain_workers"]))  # a plain loop reads the folder
     waited = [0.0]
 
     def loop_step() -> None:
@@ -138,41 +148,65 @@ def part_plain(spec: dict, device: torch.device) -> dict:
 
     rates = timed_windows(loop_step, spec, device, spec["batch"], on_start=lambda: waited.__setitem__(0, 0.0))
     timed = sum(spec["window"] * spec["batch"] / r for r in rates)
-    return {"rates": rates, "data_wait": waited[0] / timed}
+    return {"rates": rates, "data_wait": waited[0] / timed, **peak_memory(device)}
 
 
 def part_flowerdist(spec: dict, device: torch.device) -> dict:
     from flowerdist.config import load_config
     from flowerdist.data.folder import scan_folder
+    from flowerdist.errors import FlowerdistError
     from flowerdist.train import train
 
     run_dir = Path(spec["run_dir"])
-    steps = (spec["windows"] + 1) * spec["window"]
     n_train = len(scan_folder(spec["data"])) * 0.95
-    epochs = max(1, math.ceil(steps / max(1, int(n_train // spec["batch"]))))
+    per_epoch = max(1, int(n_train // spec["batch"]))
+    if per_epoch < 2 * spec["window"]:
+        raise FlowerdistError(f"{spec['data']} gives {per_epoch} steps per epoch at batch {spec['batch']}: windows of {spec['window']} "
+                              f"steps cannot avoid the epochs' refills; use more images (--synthetic-per-class) or a smaller --window")
+    # Windows that hold an epoch's first step wait for the workers to refill (a cost of small epochs, measured apart
+    # by the loop's data wait); they are run and skipped, so `windows` clean windows are measured.
+    steps = spec["window"] * (1 + spec["windows"] + math.ceil((spec["windows"] + 1) * spec["window"] / per_epoch) + 1)
+    epochs = max(1, math.ceil(steps / per_epoch))
     overrides = [
         f"model.name={spec['model']}", f"model.channels_last={spec['channels_last']}", f"model.compile={spec['compile']}",
-        f"data.root={spec['data']}", "data.synthetic=false", f"data.image_size={spec['image_size']}",
+        f"data.root={spec['data']}", "data.synthetic=false", f"data.image_size={spec['image_size']}", "data.eval_image_size=0",
         f"data.batch_size={spec['batch']}", f"data.num_workers={spec['workers']}", f"data.cache={spec['cache']}",
         "data.val_fraction=0.05", f"train.mixed_precision={spec['precision']}", f"train.cpu={device.type == 'cpu'}",
         f"train.epochs={epochs}", f"train.max_steps={steps}", f"train.log_every={spec['window']}",
-        f"train.output_dir={run_dir}", f"log.wandb={spec['wandb']}", "log.progress=true",
+        f"train.output_dir={run_dir}", "train.overwrite=true", f"log.wandb={spec['wandb']}", "log.progress=true",
     ]
-    train(load_config(None, overrides))
+    train(load_config(spec.get("config"), overrides))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in rows if "train/images_per_s" in r and r["step"] % spec["window"] == 0][1:]  # first: warm-up
-    return {"rates": [r["train/images_per_s"] for r in windows], "data_wait": statistics.mean(r["train/data_wait"] for r in windows)}
+    per_epoch = len(json.loads((run_dir / "split.json").read_text())["train"]) // spec["batch"]  # steps of an epoch
+    w = spec["window"]
+    logged = [r for r in rows if "train/images_per_s" in r and r["step"] % w == 0 and r["step"] > w]  # first: warm-up
+    clean = [r for r in logged if (r["step"] - w) // per_epoch == (r["step"] - 1) // per_epoch and (r["step"] - w) % per_epoch]
+    windows = clean[: spec["windows"]]
+    return {"rates": [r["train/images_per_s"] for r in windows], "data_wait": statistics.mean(r["train/data_wait"] for r in windows),
+            "skipped_refill_windows": len(logged) - len(clean), **peak_memory(device)}
 
 
 def part_pipeline(spec: dict, device: torch.device) -> dict:
+    """The DataLoader alone at each worker count, and each stage's cost per image on one core (from this data path)."""
+    from flowerdist.data.cache import cache_root, open_cache
+    from flowerdist.data.costs import DecodedSample, stage_costs
+    from flowerdist.data.folder import scan_folder
+    from flowerdist.data.transforms import train_transform
+
     out = {}
     for workers in spec["workers_list"]:
-        batches = endless(train_loader(spec, torch.device("cpu"), workers))
+        batches = iter(train_loader(spec, torch.device("cpu"), workers))
         # 4x longer windows than the loops: the prefetch buffer filled during warm-up must not dominate one
         long = {**spec, "window": 4 * spec["window"]}
         out[str(workers)] = timed_windows(lambda: next(batches), long, torch.device("cpu"), spec["batch"])
         del batches  # stops this worker count's processes before the next is measured
-    return {"rates_by_workers": out}
+    index = scan_folder(spec["data"])
+    min_scale, augment = recipe(spec)
+    transform = train_transform(spec["image_size"], min_scale, augment)
+    cache = open_cache(index, None, cache_root(spec["data"], ""), build=True) if spec["cache"] is True else None
+    torch.set_num_threads(1)  # one core, as one worker has
+    stages = stage_costs(index, transform, cache=cache, count=96)
+    return {"rates_by_workers": out, "stages_ms": stages}
 
 
 def part_ddp(spec: dict, device: torch.device) -> dict:
@@ -188,7 +222,7 @@ def part_ddp(spec: dict, device: torch.device) -> dict:
     world = accelerator.num_processes
     model, optimizer, criterion, scaler, memory_format = build(spec, device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    b, s = spec["batch"] // world, spec["image_size"]
+    b, s = spec["batch"] // world, spec["image_size"]  # the 1-process run's batch, split: the same global batch
     images = torch.randn(b, 3, s, s, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, 5, (b,), device=device)
     step = train_step(model, optimizer, criterion, scaler, device, spec["precision"])

@@ -99,6 +99,15 @@ def set_device_fast_paths(device: torch.device) -> bool:
     return True
 
 
+def peak_memory(device: torch.device) -> dict:
+    """The most memory this process held so far: the CUDA allocator's peak on a GPU, else the peak resident size."""
+    if device.type == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_of": "GPU"}
+    import resource
+
+    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_of": "host RSS"}
+
+
 def use_fused_optimizer(device: torch.device, mixed_precision: str) -> bool:
     """The fused AdamW/SGD kernel: the fastest on CUDA, but not under fp16. There the gradient scaler hands the
     inf check to the fused kernel, which skips the step internally; Accelerate then never learns that the step

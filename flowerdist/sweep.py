@@ -64,10 +64,15 @@ def load_sweep(path: str | Path, variant: str | None = None, extra: Sequence[str
     path = Path(path)
     if not path.is_file():
         raise FlowerdistError(f"sweep file {path} not found; see configs/experiments/ for examples")
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"config", "overrides", "grid", "output_dir", "variants"}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise FlowerdistError(f"sweep file {path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+    unknown = set(spec) - {"config", "overrides", "grid", "output_dir", "variants"} if isinstance(spec, dict) else set()
     if not isinstance(spec, dict) or unknown or "grid" not in spec or "config" not in spec:
-        raise FlowerdistError(f"sweep file {path} needs `config:` and `grid:` (optional: overrides, output_dir, variants); got {sorted(spec)}")
+        raise FlowerdistError(f"sweep file {path} needs `config:` and `grid:` (optional: overrides, output_dir, variants); got {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
     variants = spec.get("variants") or {}
     if variant is not None and variant not in variants:
         raise FlowerdistError(f"sweep file {path} has no variant '{variant}'; choose one of {sorted(variants) or 'none (drop --variant)'}")

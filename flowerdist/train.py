@@ -43,7 +43,7 @@ from flowerdist.data.transforms import eval_transform, to_model_input, train_tra
 from flowerdist.ema import build_ema
 from flowerdist.mix import build_mix
 from flowerdist.distributed import (
-    bare_model, broadcast_buffers, build_accelerator, check_world, convert_sync_batchnorm, describe_machine, describe_world,
+    bare_model, broadcast_buffers, build_accelerator, peak_memory, check_world, convert_sync_batchnorm, describe_machine, describe_world,
     end_accelerator, local_processes, num_machines, say, set_device_fast_paths, use_fused_optimizer,
 )
 from flowerdist.errors import FlowerdistError, Preempted
@@ -186,14 +186,15 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
                 log_step(accelerator, steplog, scheduler, logger, bar, state, plan, run_dir, epoch)
                 if stop.agreed(accelerator) and not last:
                     ckpt.save(state.global_step, epoch)
-                    say(accelerator, f"flowerdist: stopped by a signal at step {state.global_step}; checkpoint saved; rerun with train.resume=auto to continue")
-                    raise Preempted()
+                    preempted(accelerator, state)
             if last:
                 break
             if ckpt.should_save(state.global_step):
                 ckpt.save(state.global_step, epoch)
         seconds = time.perf_counter() - epoch_start
         metrics = end_epoch(cfg, accelerator, model, ema, data, plan, state, steplog, logger, ckpt, (state.samples_in_epoch - start_samples, seconds))
+        if state.global_step < plan.total_steps and stop.agreed(accelerator):  # an epoch shorter than a log window
+            preempted(accelerator, state)  # end_epoch saved the checkpoint
     # Every rank states a digest of its weights (and rank 0's buffers): DDP replicas must agree bit for bit.
     broadcast_buffers(bare_model(model))
     print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(bare_model(model))}", flush=True)
@@ -202,6 +203,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         result.write()
     say(accelerator, f"flowerdist: done; best val_acc {state.best_accuracy:.4f}; run directory {run_dir}")
     return result
+
+
+def preempted(accelerator: Accelerator, state: TrainState) -> None:
+    say(accelerator, f"flowerdist: stopped by a signal at step {state.global_step}; checkpoint saved; rerun with train.resume=auto to continue")
+    raise Preempted()
 
 
 def continue_run(accelerator: Accelerator, ckpt: Checkpointer, resume: Resume, seed: int, state: TrainState) -> None:
@@ -259,7 +265,7 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
         metrics.update({f"{prefix}/loss": val["loss"], f"{prefix}/accuracy": val["accuracy"], f"{prefix}/count": val["count"],
                         **{f"{prefix}/accuracy/{c}": a for c, a in zip(data.classes, val["per_class_accuracy"])},
                         f"{prefix}/confusion": val["confusion"]})
-    metrics.update({"epoch/images_per_s": images_per_s, "epoch/seconds": seconds})
+    metrics.update({"epoch/images_per_s": images_per_s, "epoch/seconds": seconds, "epoch/peak_memory_mib": peak_memory(accelerator.device)["peak_memory_mib"]})
     best_of = "val" if cfg.train.best_of == "model" else "val_ema"
     val = results[best_of]
     tables = {"val/confusion_table": confusion_table(val["confusion"], data.classes)} if (logger.wandb_mode and accelerator.is_main_process) else None

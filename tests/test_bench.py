@@ -13,32 +13,39 @@ import yaml
 from conftest import REPO, run_cli
 
 
+CPU_FORM = {  # bench/gpu_check.sh's own header gives this form
+    "DEVICE": "cpu", "MODELS": "seed_resnet resnet18", "PRECISIONS": "bf16", "IMAGE_SIZE": "32", "BATCH": "8", "WINDOW": "2",
+    "WINDOWS": "2", "PER_CLASS": "20", "SYNTH_SIZE": "48", "WORKERS": "1", "TRAIN_SECONDS": "15", "RESUME_SECONDS": "10",
+    "TRAIN_ARGS": "model.name=seed_resnet data.image_size=32 data.eval_image_size=0 data.batch_size=8 train.epochs=1000",
+}
+
+
 @pytest.mark.slow
-def test_gpu_check_runs_on_the_cpu_path(tmp_path):
-    env = {
-        **os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "MODEL": "seed_resnet", "IMAGE_SIZE": "32", "BATCH": "8",
-        "WINDOW": "2", "WINDOWS": "2", "WORKERS": "1", "PER_CLASS": "12", "SYNTH_SIZE": "48", "WANDB": "disabled", "DATA_PATHS": "cache", "OUT": str(tmp_path / "out"),
-    }
+def test_gpu_check_runs_every_step_in_its_cpu_form(tmp_path):
+    """Every step of the GPU check at a tiny size, into a folder a previous check left behind (a rerun): the bench
+    parts, the compiled model step, the recipe stopped by SIGTERM and resumed at its checkpoint's step, one table."""
+    out = tmp_path / "check"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "config.yaml").write_text("left: by an earlier check\n")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(out), **CPU_FORM}
+    assert all(f"{k}=" in (REPO / "bench/gpu_check.sh").read_text() for k in CPU_FORM)
     proc = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert report["env"]["device"] == "cpu" and report["env"]["torch"]
-    assert report["skipped"] == ["fp16: needs CUDA (flowerdist refuses fp16 on the CPU; its gradient scaler is a CUDA path)"]
-    rows = {(r["part"], r.get("data_path"), r.get("processes"), r.get("sync")): r for r in report["rows"]}
-    for key in [("model", None, None, None), ("plain", "cache", None, None), ("flowerdist", "cache", None, None),
-                ("pipeline", "cache", None, None), ("ddp", None, 2, None), ("ddp", None, 2, "no_sync")]:
-        row = rows[key]
-        assert len(row["windows"]) == 2 and row["min"] <= row["images_per_s"] <= row["max"] and row["min"] > 0
-    assert 0 <= rows[("flowerdist", "cache", None, None)]["data_wait"] < 1
-    assert rows[("ddp", None, 2, None)]["threads"] == 1 and rows[("ddp", None, 1, None)]["threads"] == 2
-    assert report["ddp"]["processes"] == 2
-    assert report["ddp"]["allreduce_ms"] > 0 and report["ddp"]["gradient_mib"] > 0
-    ratio = report["ratios"]["flowerdist/plain (bf16, cache)"]
-    assert ratio == pytest.approx(rows[("flowerdist", "cache", None, None)]["images_per_s"] / rows[("plain", "cache", None, None)]["images_per_s"])
-    assert "| flowerdist loop, bf16, cache" in proc.stdout and "flowerdist/plain (bf16, cache):" in proc.stdout
-    # each flowerdist part was a real training run, reading the decoded cache
-    run = tmp_path / "out" / "flowerdist-bf16-cache-r0"
-    assert (run / "checkpoints" / "last" / "meta.json").is_file() and yaml.safe_load((run / "config.yaml").read_text())["data"]["cache"] is True
+    assert "failed" not in (out / "steps.log").read_text(), (out / "steps.log").read_text()
+    table = (out / "gpu_check.md").read_text()
+    assert table.strip() in proc.stdout  # the one table, printed
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line for line in table.splitlines() if line.startswith("| ")}
+    for key in [("seed_resnet", "bf16", "cache"), ("seed_resnet", "bf16", "folder"), ("resnet18", "bf16", "cache")]:
+        assert key in rows and "host RSS" in rows[key], key  # loop, model step, ratio, data wait, peak memory
+    assert ("seed_resnet, torch.compile", "bf16", "tensors") in rows and "compilation: first step" in table
+    assert "| crop + resize |" in table and "| cores per GPU at 3,000 images/s |" in table
+    resume = json.loads((out / "resume.json").read_text())
+    assert resume["stopped_at"] == resume["resumed_at"] != "none" and "same step" in table
+    first = (out / "train.log").read_text()
+    assert "stopped by a signal at step" in first  # SIGTERM landed mid-run: checkpoint, exit 3
+    assert list(out.glob("train.replaced-*"))  # the earlier check's run was moved aside, not refused
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["env"]["device"] == "cpu" and {r["part"] for r in report["rows"]} >= {"model", "plain", "flowerdist", "pipeline"}
 
 
 def test_bench_rejects_unknown_parts_in_one_line(tmp_path):

@@ -198,3 +198,23 @@ def test_every_ingredient_and_the_ema_resume_bit_identical(tiny_data, tmp_path):
     best = max((m for m in metrics if "val_ema/accuracy" in m), key=lambda m: m["val_ema/accuracy"])
     meta = json.loads((ref / "checkpoints" / "best" / "meta.json").read_text())
     assert meta["step"] == best["step"] and meta["val_accuracy"] == best["val_ema/accuracy"]
+
+
+def test_a_signal_stops_a_run_whose_epochs_are_shorter_than_a_log_window(tiny_data, tmp_path):
+    """log_every larger than an epoch (small data, many GPUs): no log step inside an epoch ever checks the signal, so
+    the run stops at the next epoch end, after that epoch's checkpoint, exits 3, and resumes to the end."""
+    run = tmp_path / "run"
+    extra = ("data.batch_size=8", "train.epochs=6", "train.log_every=50", "train.checkpoint_every=0")  # 20 steps an epoch
+    proc = start(1, args(tiny_data, run, *extra))
+    deadline = time.time() + 120
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and "val/accuracy" in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, out[-2000:]
+    stopped = json.loads((run / "checkpoints" / "last" / "meta.json").read_text())["step"]
+    assert stopped % 20 == 0 and stopped < 120 and f"stopped by a signal at step {stopped}" in out
+    resumed = launch(1, *args(tiny_data, run, *extra, "train.resume=auto")).stdout
+    assert f"step {stopped})" in resumed and json.loads((run / "result.json").read_text())["global_step"] == 120

@@ -60,6 +60,14 @@ def test_bad_sweep_files_fail_in_one_line_before_any_cell_runs(tiny_data, tmp_pa
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("text, needle", [("grid: [1, 2\n", "is not valid YAML at line 2"), ("- just\n- a list\n", "got list")])
+def test_a_sweep_file_that_is_not_a_sweep_is_one_line(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = run_cli("sweep", str(path), check=False)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_unknown_variant_names_the_choices(tiny_data, tmp_path):
     with pytest.raises(FlowerdistError, match=r"no variant 'cpu'; choose one of \['one', 'short'\]"):
         load_sweep(sweep_file(tmp_path, tiny_data), "cpu")
