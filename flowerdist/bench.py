@@ -13,7 +13,7 @@ Each part runs in a fresh process (`flowerdist.bench_parts`); plain and flowerdi
 `--rounds` rounds so a drift of the machine hits both. Medians over windows after warm-up.
 
     flowerdist bench --model resnet18 --image-size 128 --batch 32
-    flowerdist bench --model seed_resnet --image-size 224 --data ../shared/data/flower_photos_train192
+    flowerdist bench --model seed_resnet --image-size 224 --data data/flower_photos      # after `flowerdist data download`
     flowerdist bench --parts ddp --model resnet18 --image-size 128      # 2 processes vs 1, same threads
 """
 

@@ -3,7 +3,7 @@ deployment runs without flowerdist, the evaluation preprocessing beside it (FILE
 
 The parity check runs the exported file (onnxruntime, or TorchScript) and the eager model on a few of the
 run's own validation images and fails when a logit differs by more than `tolerance` (1e-4 in fp32).
-onnx and onnxruntime are an optional extra: `pip install flowerdist[export]`.
+onnx and onnxruntime are an optional extra: `pip install -e '.[export]'` from a clone (`make setup` installs it).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, tolerance: float =
             import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
         except ImportError:
-            raise FlowerdistError("--format onnx needs onnx and onnxruntime: pip install 'flowerdist[export]'") from None
+            raise FlowerdistError("--format onnx needs onnx and onnxruntime: pip install -e '.[export]' in your clone (make setup installs them)") from None
     model, cfg, classes, ckpt = load_model(checkpoint)
     out = Path(out)
     try:

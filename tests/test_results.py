@@ -150,5 +150,5 @@ def test_export_parity(tiny_data, tmp_path, trained_run, model, fmt):
 def test_export_without_onnx_names_the_extra(trained_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails as if it were not installed
     proc = run_cli("export", "--checkpoint", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx", check=False)
-    assert proc.returncode == 2 and "pip install 'flowerdist[export]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and "pip install -e '.[export]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
