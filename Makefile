@@ -19,10 +19,10 @@ train: $(STAMP)
 	$(PY) -m flowerdist train -c $(CONFIG) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs wandb .pytest_cache

@@ -189,7 +189,7 @@ def part_flowerdist(spec: dict, device: torch.device) -> dict:
 def part_pipeline(spec: dict, device: torch.device) -> dict:
     """The DataLoader alone at each worker count, and each stage's cost per image on one core (from this data path)."""
     from flowerdist.data.cache import cache_root, open_cache
-    from flowerdist.data.costs import DecodedSample, stage_costs
+    from flowerdist.data.costs import stage_costs
     from flowerdist.data.folder import scan_folder
     from flowerdist.data.transforms import train_transform
 
@@ -198,7 +198,7 @@ def part_pipeline(spec: dict, device: torch.device) -> dict:
         batches = iter(train_loader(spec, torch.device("cpu"), workers))
         # 4x longer windows than the loops: the prefetch buffer filled during warm-up must not dominate one
         long = {**spec, "window": 4 * spec["window"]}
-        out[str(workers)] = timed_windows(lambda: next(batches), long, torch.device("cpu"), spec["batch"])
+        out[str(workers)] = timed_windows(batches.__next__, long, torch.device("cpu"), spec["batch"])
         del batches  # stops this worker count's processes before the next is measured
     index = scan_folder(spec["data"])
     min_scale, augment = recipe(spec)

@@ -159,7 +159,7 @@ def row(group: list[Run]) -> dict[str, str]:
         "best val acc": _mean_std(best),
         "final val acc": _mean_std(final),
         "per-class acc (final)": per_class,
-        "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.1f}"),
+        "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.2f}"),
         "images/s": _mean_std(rates, "{:.1f}"),
         "data wait": _mean_std([100 * w for w in waits], "{:.1f}") + ("%" if waits else ""),
         "status": "; ".join(sorted({r.status for r in group})),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -200,3 +202,124 @@ def uninterrupted(tiny_data, tmp_path_factory):
         return runs[nprocs]
 
     return get
+
+
+# ---- helpers shared by several test modules -----------------------------------------------------------------
+
+
+def weights_of(run_dir, name="last"):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / name / "model.safetensors")
+
+
+def relative_difference(a, b):
+    """||a - b|| / ||a|| over all floating-point tensors; integer buffers must match exactly."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a if a[k].is_floating_point())
+    den = sum(float(a[k].double().pow(2).sum()) for k in a if a[k].is_floating_point())
+    return (num / den) ** 0.5
+
+
+def assert_same_weights(a, b, rtol=1e-5):
+    diff = relative_difference(a, b)
+    assert diff <= rtol, f"relative difference {diff:.2e}"
+
+
+def initial_weights(model="seed_resnet", image_size=64, seed=42):
+    """The weights a run starts from: `flowerdist train` seeds, then builds the model (train.build_model)."""
+    from accelerate.utils import set_seed
+
+    from flowerdist.models import create_model
+
+    set_seed(seed)
+    return create_model(model, num_classes=5, image_size=image_size).state_dict()
+
+
+def update_difference(a, b, init):
+    """||(a - init) - (b - init)|| / ||b - init|| over the floating-point tensors: how far two runs' updates differ,
+    relative to the update itself (weights alone hide a wrong update under the untouched initialisation)."""
+    updates = lambda w: {k: w[k].double() - init[k].double() for k in init if init[k].is_floating_point()}  # noqa: E731
+    ua, ub = updates(a), updates(b)
+    num = sum(float((ua[k] - ub[k]).pow(2).sum()) for k in ua)
+    den = sum(float(ub[k].pow(2).sum()) for k in ub)
+    return (num / den) ** 0.5
+
+
+def assert_same_updates(a, b, init, rtol=1e-5):
+    diff = update_difference(a, b, init)
+    assert diff <= rtol, f"the updates differ by {diff:.2e} of the update"
+
+
+#: Optimizer steps of the DDP-vs-big-batch runs. Measured on the generated flowers: the updates of 2 processes x b and
+#: 1 process x 2b differ by 1e-6 of the update after 2 and after 8 steps (seed_resnet, SGD lr 1e-3), while another
+#: batch size or a wrong accumulation moves them by 0.4 or more.
+DDP_STEPS = 8
+
+
+def train_args(data, run_dir, *extra):
+    return (
+        "-c", "configs/quickstart.yaml", f"data.root={data}", f"train.output_dir={run_dir}", *TINY,
+        "log.wandb=disabled", "optim.name=sgd", "optim.lr=0.001", "optim.warmup_steps=2",
+        f"train.max_steps={DDP_STEPS}", "train.epochs=1", *extra,
+    )
+
+
+def samples_per_step(run_dir):
+    """step -> sorted dataset indices of the global batch, over every rank's samples file."""
+    steps: dict[int, list[int]] = {}
+    for path in (run_dir / "samples").glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            steps.setdefault(row["step"], []).extend(row["indices"])
+    return {step: sorted(indices) for step, indices in steps.items()}
+
+
+def finished(proc) -> str:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+# A short run at a constant learning rate after 2 warm-up steps: killed after its step-7 checkpoint, resumed on
+# another layout until step 9, compared with an uninterrupted run of 9 steps. The killed run is given steps to
+# spare (max_steps 20, free to change on resume; the constant rate does not depend on it): with 9 it could end
+# before the kill lands. One thread per process everywhere and a per-device batch of 4 (the accumulation makes
+# up the global batch of 8), so every forward pass computes the same 4 images the same way on either layout;
+# over many more steps the generated flowers' max-pool and ReLU ties would amplify even float rounding (see
+# test_layouts.BN_RUN).
+LAYOUT_RUN = ("train.record_samples=true", "train.checkpoint_every=7", "train.max_steps=9", "optim.schedule=constant",
+              "train.log_every=1", "data.batch_size=4")
+
+
+def start(nprocs, train_args, threads=None):
+    """A training in processes of its own; `threads`: OMP_NUM_THREADS per process (accelerate sets 1 for several)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    cmd = [sys.executable, "-m", "flowerdist", "train", *train_args] if nprocs == 1 else accelerate_cmd(nprocs, *train_args, port=free_port())
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def sweep_file(tmp_path, data, **extra):
+    spec = {
+        "config": "configs/quickstart.yaml",
+        "overrides": [f"data.root={data}", *TINY, "train.epochs=2", "train.checkpoint_every=5", "train.log_every=1"],
+        "grid": {"train.seed": [0, 1], "optim.lr": [0.002]},
+        "output_dir": str(tmp_path / "sweep"),
+        "variants": {"short": ["train.epochs=1"], "one": {"overrides": ["train.epochs=1"], "grid": {"train.seed": [5]}}},
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

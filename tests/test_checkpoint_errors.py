@@ -6,10 +6,8 @@ import json
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import TINY, run_cli
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -51,17 +49,3 @@ def test_class_mismatch(trained_run, tmp_path, tiny_data):
         run_cli("eval", "--checkpoint", str(trained_run), f"data.root={other}", check=False),
         "has classes ['daisy', 'roses', 'tulips'] but the checkpoint was trained on",
     )
-
-
-def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
-    run = tmp_path / "nan"
-    proc = run_cli(
-        "train", "-c", "configs/quickstart.yaml", f"data.root={tiny_data}", f"train.output_dir={run}", *TINY,
-        "train.epochs=3", "optim.name=sgd", "optim.lr=10", "optim.warmup_steps=0", "train.log_every=50",
-        "train.checkpoint_every=1", check=False,
-    )
-    one_line_error(proc, "lower optim.lr")  # the loss or the weights became non-finite
-    saved = list((run / "checkpoints").glob("step-*"))
-    assert saved  # step 1 (finite loss) was checkpointed before the loss blew up
-    for ckpt in saved:  # and no checkpoint holds spoiled weights
-        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values() if t.is_floating_point())

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, kill_tree, resume_args
-from test_distributed import assert_same_weights
-from test_layouts import samples_per_step, weights
+from conftest import REPO, assert_same_weights, free_port, kill_tree, resume_args, samples_per_step, weights_of
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +96,7 @@ def test_a_lost_node_restarts_at_world_size_one_and_finishes(tiny_data, tmp_path
     assert back_after < 120, back_after  # bounded: a dead peer breaks the collective at once, the agent re-rendezvouses
     ref = uninterrupted(2)
     assert samples_per_step(run) == samples_per_step(ref)  # no image skipped or repeated
-    assert_same_weights(weights(run), weights(ref))
+    assert_same_weights(weights_of(run), weights_of(ref))
     print(f"elastic: training again {back_after:.1f} s after the node was lost")
 
 

@@ -6,20 +6,13 @@ check flowerdist makes and nothing else faked."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY, launch_many, run_cli
-from test_distributed import assert_same_weights, relative_difference, train_args
+from conftest import TINY, assert_same_weights, launch_many, run_cli, train_args, weights_of as weights
 
 SMALL = ("data.image_size=32", "train.log_every=1")
-
-
-def weights(run_dir, name="last"):
-    return load_file(run_dir / "checkpoints" / name / "model.safetensors")
 
 
 def steps(run_dir, key="train/loss"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,13 +160,34 @@ def test_absurd_learning_rates_are_refused_by_the_config(lr, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_nan_weights_never_reach_a_checkpoint(tiny_data, tmp_path):
-    run = tmp_path / "nan"
-    proc = run_cli(*args(tiny_data, run, "train.max_steps=0", "train.epochs=2", "optim.name=sgd", "optim.lr=10",
-                         "optim.warmup_steps=0", "train.log_every=100", "train.checkpoint_every=1"), check=False)
-    one_line_error(proc, "lower optim.lr")
-    for ckpt in list((run / "checkpoints").glob("step-*")) + list((run / "checkpoints").glob("best-*")):
-        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values() if t.is_floating_point())
+def diverge(data, run, *extra):
+    """SGD at lr 10: the loss and the weights blow up within the first steps."""
+    return run_cli(*args(data, run, "train.max_steps=0", "train.epochs=3", "optim.name=sgd", "optim.lr=10", "optim.warmup_steps=0", *extra),
+                   check=False)
+
+
+def finite_checkpoints(run):
+    saved = sorted((run / "checkpoints").glob("*step-*")) if (run / "checkpoints").is_dir() else []
+    return saved, all(torch.isfinite(t).all() for c in saved for t in load_file(c / "model.safetensors").values() if t.is_floating_point())
+
+
+def test_the_weights_guard_keeps_nonfinite_weights_out_of_checkpoints(tiny_data, tmp_path):
+    """A checkpoint every step and no loss logged before step 50: the guard that stops the run is the one every save
+    applies to the weights and optimizer state; the checkpoints written before are all finite."""
+    proc = diverge(tiny_data, tmp_path / "nan", "train.log_every=50", "train.checkpoint_every=1")
+    one_line_error(proc, "training diverged: the weights became non-finite by step")
+    saved, finite = finite_checkpoints(tmp_path / "nan")
+    assert saved and finite  # step 1 was checkpointed, and nothing spoiled was
+
+
+def test_the_loss_guard_stops_at_the_first_nonfinite_loss(tiny_data, tmp_path):
+    """The loss logged every step: the run stops at the first non-finite loss, before any checkpoint (epoch end or
+    save) can be reached, naming the step and the fix."""
+    proc = diverge(tiny_data, tmp_path / "nan", "train.log_every=1")
+    one_line_error(proc, "training loss became")
+    step = int(re.search(r"by step (\d+);", proc.stderr).group(1))
+    assert step < 10 and not finite_checkpoints(tmp_path / "nan")[0]  # within the first epoch (10 steps): no checkpoint yet
+    assert "lower optim.lr or set optim.clip_grad_norm" in proc.stderr
 
 
 # ---- silent wrong data ------------------------------------------------------------------------

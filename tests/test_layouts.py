@@ -9,33 +9,13 @@ import shutil
 import time
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import kill_tree, launch_many, resume_args, run_cli
-from test_distributed import assert_same_weights, relative_difference, train_args
-from test_resume import start
+from conftest import (
+    LAYOUT_RUN, assert_same_weights, finished, kill_tree, launch_many, relative_difference, resume_args, run_cli, samples_per_step,
+    start, train_args, weights_of as weights,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def samples_per_step(run_dir):
-    """step -> sorted dataset indices of the global batch, over every rank's samples file."""
-    steps: dict[int, list[int]] = {}
-    for path in (run_dir / "samples").glob("rank*.jsonl"):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            steps.setdefault(row["step"], []).extend(row["indices"])
-    return {step: sorted(indices) for step, indices in steps.items()}
-
-
-def weights(run_dir, name="last"):
-    return load_file(run_dir / "checkpoints" / name / "model.safetensors")
-
-
-def finished(proc) -> str:
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-3000:]
-    return out
 
 
 def resume(nprocs: int, args) -> str:
@@ -44,17 +24,6 @@ def resume(nprocs: int, args) -> str:
         done = run_cli("train", *args, threads=1)
         return done.stdout + done.stderr
     return finished(start(nprocs, args, threads=1))
-
-
-# A short run at a constant learning rate after 2 warm-up steps: killed after its step-7 checkpoint, resumed on
-# another layout until step 9, compared with an uninterrupted run of 9 steps. The killed run is given steps to
-# spare (max_steps 20, free to change on resume; the constant rate does not depend on it): with 9 it could end
-# before the kill lands. One thread per process everywhere and a per-device batch of 4 (the accumulation makes
-# up the global batch of 8), so every forward pass computes the same 4 images the same way on either layout;
-# over many more steps the generated flowers' max-pool and ReLU ties would amplify even float rounding (see
-# BN_RUN below).
-LAYOUT_RUN = ("train.record_samples=true", "train.checkpoint_every=7", "train.max_steps=9", "optim.schedule=constant",
-              "train.log_every=1", "data.batch_size=4")
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2procs-then-1", "1proc-then-2"])

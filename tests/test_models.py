@@ -234,9 +234,28 @@ def test_timm_pretrained_file_for_another_architecture(timm_weights):
         create_model("timm/resnet34", pretrained=True, pretrained_file=str(timm_weights[0] / "resnet18.pth"))
 
 
-def test_timm_pretrained_without_file_or_network_fails_fast():
+def test_timm_pretrained_offline_without_the_weights_fails_fast(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE set (as the tests set it) and weights not in the cache: flowerdist's one line, whether or not
+    this machine has a network (the hub's own error would be a traceback)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     start = time.monotonic()
-    with pytest.raises(FlowerdistError, match=r"model\.pretrained_file"):
+    with pytest.raises(FlowerdistError, match=r"HF_HUB_OFFLINE is set: set model\.pretrained_file"):
+        create_model("timm/resnet18", pretrained=True)
+    assert time.monotonic() - start < 5
+
+
+def test_timm_pretrained_with_the_hub_unreachable_fails_fast(monkeypatch, tmp_path):
+    """Online mode and a hub that does not answer (here a closed local port stands in for a machine without
+    network): a short probe, then one line; not timm's 46 s of retries."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "ENDPOINT", "https://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(FlowerdistError, match=r"127\.0\.0\.1 is unreachable: set model\.pretrained_file"):
         create_model("timm/resnet18", pretrained=True)
     assert time.monotonic() - start < 10
 

@@ -8,6 +8,7 @@ the module (well under 10 s). Jobs are submitted from the repo root, as users do
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -22,6 +23,8 @@ from slurm_cluster import ClusterInfo, can_run_slurm, slurm_cluster  # noqa: E40
 
 REPO = Path(__file__).resolve().parent.parent
 _OK, _WHY = can_run_slurm()
+if not _OK and os.environ.get("FLOWERDIST_REQUIRE_SLURM"):  # .ci/run installed Slurm: a missing piece is a failure
+    pytest.fail(f"FLOWERDIST_REQUIRE_SLURM is set but {_WHY}", pytrace=False)
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _OK, reason=_WHY)]
 
 
@@ -174,9 +177,7 @@ def test_preempted_on_two_nodes_resumes_on_one(cluster: ClusterInfo, tiny_data: 
 
     from safetensors.torch import load_file
 
-    from test_distributed import assert_same_weights, train_args
-    from test_layouts import LAYOUT_RUN, finished, samples_per_step
-    from test_resume import start
+    from conftest import LAYOUT_RUN, assert_same_weights, finished, samples_per_step, start, train_args
 
     run_dir, ref = tmp_path / "run", tmp_path / "ref"
     args = [a for a in train_args(tiny_data, run_dir, *LAYOUT_RUN, "train.max_steps=30", "train.checkpoint_every=0")[1:]  # drop -c
@@ -218,7 +219,7 @@ def test_sweep_submits_one_job_array_and_skips_done_cells(cluster: ClusterInfo, 
     import time
 
     import yaml
-    from test_sweep import sweep_file
+    from conftest import sweep_file
 
     path = sweep_file(tmp_path, tiny_data, overrides=[f"data.root={tiny_data}", "data.synthetic=false", "data.image_size=32",
                                                        "data.batch_size=16", "log.wandb=disabled", "log.progress=false", "train.epochs=1",
@@ -251,7 +252,7 @@ def test_gpu_jobs_ask_for_the_gpus_they_start_a_process_for(cluster: ClusterInfo
     This cluster's GPUs exist only for Slurm, so each job then stops in one line: torch sees none."""
     import json
 
-    from test_sweep import sweep_file
+    from conftest import sweep_file
 
     path = sweep_file(tmp_path, tiny_data, grid={"train.seed": [0]})
     env = {**cluster.env, "HF_HUB_OFFLINE": "1"}

@@ -10,25 +10,10 @@ import sys
 import time
 
 import pytest
-import yaml
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, run_cli, sweep_file
 from flowerdist.errors import FlowerdistError
 from flowerdist.sweep import load_sweep
-
-
-def sweep_file(tmp_path, data, **extra):
-    spec = {
-        "config": "configs/quickstart.yaml",
-        "overrides": [f"data.root={data}", *TINY, "train.epochs=2", "train.checkpoint_every=5", "train.log_every=1"],
-        "grid": {"train.seed": [0, 1], "optim.lr": [0.002]},
-        "output_dir": str(tmp_path / "sweep"),
-        "variants": {"short": ["train.epochs=1"], "one": {"overrides": ["train.epochs=1"], "grid": {"train.seed": [5]}}},
-        **extra,
-    }
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 def test_cells_are_the_grid_product_with_their_own_run_directories(tiny_data, tmp_path):

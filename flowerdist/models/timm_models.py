@@ -121,6 +121,11 @@ def _from_hub(name: str, num_classes: int) -> nn.Module:
         url = constants.ENDPOINT
         where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
         fetch = f"`hf download {cfg.hf_hub_id if cfg else name.split(':', 1)[1]}` on a machine with network"
+        if constants.HF_HUB_OFFLINE:  # the user asked for no network: the hub's own error would be a traceback
+            raise FlowerdistError(
+                f"pretrained weights for timm/{name} are not in {where} and HF_HUB_OFFLINE is set: "
+                f"set model.pretrained_file=/path/to/weights.safetensors, or pre-download them ({fetch})"
+            )
     else:  # URL-only weights go through torch.hub's cache, which loads offline when the file is there
         url = cfg.url
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
