@@ -80,6 +80,16 @@ class DataConfig:
     """Where the decoded-image cache lives ("": `<data.root>/.flowerdist-cache`)."""
     min_scale: float = 0.35
     """Smallest area fraction of RandomResizedCrop for training."""
+    progressive_from: int = 0
+    """Progressive resizing (FFCV): the training side starts at this many pixels and grows linearly to data.image_size
+    (multiples of 16) by `progressive_until` of the epochs; 0: off. Early epochs cost less and the late ones train at
+    the full side. Needs a model without a fixed input size (not seed_resnet)."""
+    progressive_until: float = 0.85
+    """Fraction of train.epochs at which progressive resizing reaches data.image_size."""
+    test_root: str = ""
+    """A held-out test folder (ROOT/<class>/<image>, the classes of data.root): its photos are removed from data.root
+    by class and file name (so they are never trained or selected on), and at the end of training the best and the
+    last weights are evaluated on all of it, at its own resolution ("": none)."""
 
 
 @section
@@ -179,6 +189,16 @@ class TrainConfig:
 
 
 @section
+class EvalConfig:
+    flip: bool = False
+    """Flip test-time augmentation: the logits of each image and of its mirror image are averaged. Used alike by the
+    validation during training, `eval`, `predict` and `export` (the exported model holds the flip)."""
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision of validation, `eval` and `predict`; auto: train.mixed_precision, so `eval` of a checkpoint
+    gives the accuracy its run logged. `no` evaluates in fp32, as an exported model runs."""
+
+
+@section
 class LogConfig:
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto: online when an API key is configured, offline otherwise."""
@@ -195,6 +215,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     name: str = "flowerdist"
     """Run name (defaults to the config file's stem)."""
@@ -206,6 +227,11 @@ class Config:
     def eval_image_size(self) -> int:
         """The side validation, eval and predict use."""
         return self.data.eval_image_size or self.data.image_size
+
+    @property
+    def eval_precision(self) -> str:
+        """The autocast precision of evaluation: eval.precision, or the training's."""
+        return self.train.mixed_precision if self.eval.precision == "auto" else self.eval.precision
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, e.g. {"optim.lr": 0.001}: what W&B's config gets."""
@@ -359,6 +385,11 @@ def validate(cfg: Config) -> None:
     need(cfg.data.cache_size == 0 or cfg.data.cache_size >= 16, "data.cache_size", "must be 0 (original sizes) or at least 16 pixels")
     need(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
     need(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", "must lie in (0, 1]")
+    need(cfg.data.progressive_from == 0 or 16 <= cfg.data.progressive_from <= cfg.data.image_size, "data.progressive_from",
+         "must be 0 (off) or between 16 and data.image_size")
+    need(0.0 < cfg.data.progressive_until <= 1.0, "data.progressive_until", "must lie in (0, 1]")
+    if cfg.data.progressive_from and cfg.model.name == "seed_resnet":
+        raise FlowerdistError("data.progressive_from needs a model without a fixed input size; seed_resnet's linear layer fixes it: set data.progressive_from=0")
     need(0.0 <= cfg.augment.color_jitter <= 1.0, "augment.color_jitter", "must lie in [0, 1]")
     need(0 <= cfg.augment.randaugment_magnitude <= 30, "augment.randaugment_magnitude", "must lie in 0-30")
     need(0.0 <= cfg.augment.random_erasing <= 1.0, "augment.random_erasing", "must lie in [0, 1]")

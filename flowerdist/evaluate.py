@@ -16,6 +16,30 @@ import torch.nn.functional as F
 from flowerdist.data.transforms import to_model_input
 
 
+class FlipAverage(torch.nn.Module):
+    """Flip test-time augmentation (`eval.flip`): the mean of the logits of each image and of its mirror image.
+    A module, so the exported model holds it too."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.flip(-1))) / 2
+
+
+def for_evaluation(model: torch.nn.Module, flip: bool) -> torch.nn.Module:
+    return FlipAverage(model) if flip else model
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The context evaluation runs in: autocast at `precision` (bf16, fp16) or none (no)."""
+    if precision == "no":
+        return contextlib.nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,

@@ -35,6 +35,8 @@ def preprocessing(cfg, classes) -> dict[str, Any]:
         "output": "logits, one per class in `classes` order; softmax gives probabilities",
         "model": cfg.model.name,
         "shortcut": cfg.model.shortcut,
+        "test_time_augmentation": "flip: the model averages the logits of the image and its mirror" if cfg.eval.flip else "none",
+        "precision": "fp32",
     }
 
 
@@ -66,6 +68,9 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, tolerance: float =
         except ImportError:
             raise FlowerdistError("--format onnx needs onnx and onnxruntime: pip install -e '.[export]' in your clone (make setup installs them)") from None
     model, cfg, classes, ckpt = load_model(checkpoint)
+    from flowerdist.evaluate import for_evaluation
+
+    model = for_evaluation(model, cfg.eval.flip).eval()  # the run's flip TTA goes into the exported graph
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

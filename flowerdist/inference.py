@@ -19,7 +19,7 @@ from flowerdist.data.costs import choose_data_path
 from flowerdist.data.loader import make_loader
 from flowerdist.data.transforms import eval_transform, to_model_input
 from flowerdist.errors import FlowerdistError
-from flowerdist.evaluate import evaluate
+from flowerdist.evaluate import autocast_for, evaluate, for_evaluation
 from flowerdist.models import create_model
 
 
@@ -63,8 +63,8 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     cpu = torch.device("cpu")
     workers = choose_data_path(cfg.data.num_workers, False, cpu, 1).workers
     loader = make_loader(FlowerDataset(index, eval_transform(cfg.eval_image_size)), indices, cfg.data.batch_size, workers, cpu)
-    result = evaluate(model, loader, len(classes), cpu)
-    return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), **result}
+    result = evaluate(for_evaluation(model, cfg.eval.flip), loader, len(classes), cpu, autocast=autocast_for(cpu, cfg.eval_precision))
+    return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), "flip": cfg.eval.flip, "precision": cfg.eval_precision, **result}
 
 
 @torch.no_grad()
@@ -72,10 +72,12 @@ def predict_indices(checkpoint: str | Path, index, indices: list[int], batch_siz
     """Items `indices` of a folder index through a checkpoint: (HWC uint8 images as the model saw them, true labels,
     predicted labels, predicted probabilities)."""
     model, cfg, _, _ = load_model(checkpoint)
+    model, autocast = for_evaluation(model, cfg.eval.flip), autocast_for(torch.device("cpu"), cfg.eval_precision)
     dataset = FlowerDataset(index, eval_transform(cfg.eval_image_size))
     images, true, pred, prob = [], [], [], []
     for batch, labels, _ in make_loader(dataset, indices, batch_size, 0, torch.device("cpu")):
-        probs = model(to_model_input(batch, torch.device("cpu"))).softmax(1)
+        with autocast():
+            probs = model(to_model_input(batch, torch.device("cpu"))).float().softmax(1)
         p, k = probs.max(1)
         images += [img.permute(1, 2, 0).numpy() for img in batch]
         true += labels.tolist()
@@ -116,8 +118,10 @@ def collect_images(paths: list[str]) -> list[Path]:
 @torch.no_grad()
 def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
     """Top-k classes per image, in the order given; an image that cannot be used gets {"image", "skipped": reason}
-    instead (the same checks as training: corrupt, not an image, over the pixel limit)."""
+    instead (the same checks as training: corrupt, not an image, over the pixel limit). The run's eval.flip and
+    eval.precision apply, as in `eval`."""
     model, cfg, classes, _ = load_model(checkpoint)
+    model, autocast = for_evaluation(model, cfg.eval.flip), autocast_for(torch.device("cpu"), cfg.eval_precision)
     if not 1 <= topk <= len(classes):
         raise FlowerdistError(f"--topk must lie between 1 and {len(classes)} (the number of classes), got {topk}")
     transform = eval_transform(cfg.eval_image_size)
@@ -133,7 +137,8 @@ def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_s
     for start in range(0, len(usable), batch_size):
         chunk = usable[start : start + batch_size]
         batch = torch.stack([transform(pil_to_tensor(load_rgb(f))) for _, f in chunk])
-        probs = model(to_model_input(batch, torch.device("cpu"))).softmax(1)
+        with autocast():
+            probs = model(to_model_input(batch, torch.device("cpu"))).float().softmax(1)
         top = probs.topk(topk, dim=1)
         for (result, _), p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
             result["predictions"] = [{"class": classes[k], "probability": v} for v, k in zip(p, i)]

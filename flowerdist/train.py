@@ -35,11 +35,11 @@ from flowerdist.config import Config, save_config
 from flowerdist.data.cache import cache_fits, cache_root, open_cache
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.dataset import FlowerDataset
-from flowerdist.data.folder import ImageFolderIndex, load_split, save_split, scan_folder, stratified_split
+from flowerdist.data.folder import ImageFolderIndex, load_split, save_split, scan_folder, stratified_split, without
 from flowerdist.data.costs import choose_data_path, folder_and_cache_costs
 from flowerdist.data.loader import make_loader
 from flowerdist.data.sampler import ShardedSampler, eval_shard
-from flowerdist.data.transforms import eval_transform, to_model_input, train_transform
+from flowerdist.data.transforms import eval_transform, progressive_sides, to_model_input, train_transform
 from flowerdist.ema import build_ema
 from flowerdist.mix import build_mix
 from flowerdist.distributed import (
@@ -48,7 +48,7 @@ from flowerdist.distributed import (
 )
 from flowerdist.errors import FlowerdistError, Preempted
 from flowerdist.files import atomic_write_text
-from flowerdist.evaluate import evaluate
+from flowerdist.evaluate import autocast_for, evaluate, for_evaluation
 from flowerdist.models import create_model
 from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from flowerdist.preemption import StopSignal
@@ -107,6 +107,7 @@ class Data:
     sampler: ShardedSampler
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader | None = None  # data.test_root, at its own resolution
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -195,6 +196,8 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         metrics = end_epoch(cfg, accelerator, model, ema, data, plan, state, steplog, logger, ckpt, (state.samples_in_epoch - start_samples, seconds))
         if state.global_step < plan.total_steps and stop.agreed(accelerator):  # an epoch shorter than a log window
             preempted(accelerator, state)  # end_epoch saved the checkpoint
+    if data.test_loader is not None:
+        metrics.update(test_results(cfg, accelerator, model, ema, ckpt, data, logger, state.global_step))
     # Every rank states a digest of its weights (and rank 0's buffers): DDP replicas must agree bit for bit.
     broadcast_buffers(bare_model(model))
     print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(bare_model(model))}", flush=True)
@@ -203,6 +206,28 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         result.write()
     say(accelerator, f"flowerdist: done; best val_acc {state.best_accuracy:.4f}; run directory {run_dir}")
     return result
+
+
+def test_results(cfg, accelerator, model, ema, ckpt: Checkpointer, data: Data, logger: RunLogger, step: int) -> dict[str, Any]:
+    """The held-out test set (data.test_root), never used to select: the best checkpoint's weights (chosen on the
+    validation split) and the last ones (the raw model's or, with train.best_of=ema, the EMA's)."""
+    import copy
+
+    from flowerdist.checkpoint import read_weights
+
+    last = ema.module if cfg.train.best_of == "ema" else bare_model(model)
+    best = copy.deepcopy(bare_model(model))
+    best.load_state_dict(read_weights((ckpt.root / "best").resolve()))
+    broadcast_buffers(last)
+    out = {}
+    for name, weights in (("best", best), ("last", last)):
+        result = validate(cfg, accelerator, weights, data.test_loader, len(data.classes))
+        out.update({f"test/{name}/accuracy": result["accuracy"], f"test/{name}/loss": result["loss"], f"test/{name}/confusion": result["confusion"]})
+    out["test/count"] = result["count"]
+    logger.log(out, step)
+    say(accelerator, f"flowerdist: test set ({out['test/count']} photos of {cfg.data.test_root}, never used to select): "
+                     f"best checkpoint {out['test/best/accuracy']:.4f}, last weights {out['test/last/accuracy']:.4f}")
+    return out
 
 
 def preempted(accelerator: Accelerator, state: TrainState) -> None:
@@ -259,7 +284,7 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     evaluated = {"val": bare_model(model), "val_ema": ema.module}
     broadcast_buffers(*evaluated.values())  # every rank evaluates (and rank 0 saves) the same running statistics
     pictures = logger.wandb_mode is not None and accelerator.is_main_process
-    results = {prefix: validate(cfg, accelerator, m, data, pictures) for prefix, m in evaluated.items() if m is not None}
+    results = {prefix: validate(cfg, accelerator, m, data.val_loader, len(data.classes), pictures) for prefix, m in evaluated.items() if m is not None}
     metrics = {"epoch": epoch + state.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch), "train/epoch_loss": train_loss}
     for prefix, val in results.items():
         metrics.update({f"{prefix}/loss": val["loss"], f"{prefix}/accuracy": val["accuracy"], f"{prefix}/count": val["count"],
@@ -287,11 +312,13 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     return metrics
 
 
-def validate(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, data: Data, keep_predictions: bool = False) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix over every rank's validation shard."""
+def validate(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, loader, num_classes: int, keep_predictions: bool = False) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix over every rank's shard of `loader`, with the
+    evaluation settings `eval` and `predict` use too (eval.flip, eval.precision)."""
     return evaluate(
-        model, data.val_loader, len(data.classes), accelerator.device, channels_last=cfg.model.channels_last,
-        autocast=accelerator.autocast, reduce=lambda t: accelerator.reduce(t, "sum"), keep_predictions=keep_predictions,
+        for_evaluation(model, cfg.eval.flip), loader, num_classes, accelerator.device, channels_last=cfg.model.channels_last,
+        autocast=autocast_for(accelerator.device, cfg.eval_precision), reduce=lambda t: accelerator.reduce(t, "sum"),
+        keep_predictions=keep_predictions,
     )
 
 
@@ -331,6 +358,11 @@ def build_data(cfg: Config, accelerator: Accelerator, resume: Resume | None) -> 
     """Generate (synthetic), check every image, split (or keep a resumed run's split), and build the loaders."""
     ensure_synthetic_data(cfg, accelerator)
     index = checked_index(cfg.data.root, accelerator)
+    test = checked_index(cfg.data.test_root, accelerator, classes=index.classes) if cfg.data.test_root else None
+    if test is not None:
+        index, held = without(index, test)
+        say(accelerator, f"flowerdist: test set {cfg.data.test_root}: {len(test)} photos, evaluated at the end only; "
+                         f"{held} of their copies held out of {cfg.data.root}")
     if resume is not None:  # a resumed run keeps its classes and its split, whatever changed on disk
         if list(index.classes) != resume.meta["classes"]:
             raise FlowerdistError(
@@ -342,14 +374,19 @@ def build_data(cfg: Config, accelerator: Accelerator, resume: Resume | None) -> 
         train_idx, val_idx = stratified_split(index.labels, cfg.data.val_fraction, cfg.train.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = ShardedSampler(train_idx, cfg.data.batch_size, rank, world, cfg.train.grad_accum_steps, cfg.train.seed)
-    transform = train_transform(cfg.data.image_size, cfg.data.min_scale, cfg.augment)
+    sides = progressive_sides(cfg.data.image_size, cfg.data.progressive_from, cfg.data.progressive_until, cfg.train.epochs)
+    transform = train_transform(cfg.data.image_size, cfg.data.min_scale, cfg.augment, sides)
     path = data_path(cfg, index, transform, accelerator)
     cache = open_decoded_cache(cfg, index, accelerator) if path.cache else None
     train_set = FlowerDataset(index, transform, cfg.train.seed, cache=cache)
     val_set = FlowerDataset(index, eval_transform(cfg.eval_image_size), cache=cache)
     loader = dict(batch_size=cfg.data.batch_size, workers=path.workers, device=accelerator.device, prefetch_factor=cfg.data.prefetch_factor)
+    test_loader = None
+    if test is not None:  # the photos as they are (no cache): evaluated like `flowerdist eval data.root=TEST`
+        test_set = FlowerDataset(test, eval_transform(cfg.eval_image_size))
+        test_loader = make_loader(test_set, eval_shard(list(range(len(test))), rank, world), **loader)
     return Data(index, train_idx, val_idx, sampler, make_loader(train_set, sampler, **loader),
-                make_loader(val_set, eval_shard(val_idx, rank, world), **loader))
+                make_loader(val_set, eval_shard(val_idx, rank, world), **loader), test_loader)
 
 
 def ensure_synthetic_data(cfg: Config, accelerator: Accelerator) -> None:
@@ -370,9 +407,9 @@ def ensure_synthetic_data(cfg: Config, accelerator: Accelerator) -> None:
             generate(root, per_class=cfg.data.synthetic_per_class, size=cfg.data.synthetic_size, seed=cfg.train.seed)
 
 
-def checked_index(root: str, accelerator: Accelerator) -> ImageFolderIndex:
+def checked_index(root: str, accelerator: Accelerator, classes: tuple[str, ...] | None = None) -> ImageFolderIndex:
     """Scan the folder; the main process decodes every image once, all ranks drop the same bad files."""
-    index = scan_folder(root)
+    index = scan_folder(root, classes=classes)
     skipped: list[dict[str, str]] = [{}]
     if accelerator.is_main_process:
         report = check_folder(index)

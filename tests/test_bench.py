@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -50,3 +51,21 @@ def test_gpu_check_runs_every_step_in_its_cpu_form(tmp_path):
 def test_bench_rejects_unknown_parts_in_one_line(tmp_path):
     proc = run_cli("bench", "--parts", "model,speed", "--out-dir", str(tmp_path), check=False)
     assert proc.returncode == 2 and "unknown value(s) ['speed']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_race_against_timm_runs_and_reports_the_ratio(tiny_data, tmp_path):
+    """bench/vs_timm.py end to end, with a stand-in for timm's train.py that takes the same flags (the real one is a
+    checkout of pytorch-image-models, not a dependency): both sides run, alternate, and the ratio is theirs."""
+    standin = REPO / "tests" / "standin_timm_train.py"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/vs_timm.py"), "--timm-train", str(standin), "--data", str(tiny_data),
+                           "--rounds", "2", "--workers", "0", "--flowerdist-args", "model.name=seed_resnet data.image_size=32"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rates = {(int(r), side): float(v) for r, side, v in re.findall(r"round (\d) (timm|flowerdist): ([\d.]+) img/s", proc.stdout)}
+    assert len(rates) == 4 and all(v > 0 for v in rates.values())
+    ratios = [rates[(r, "flowerdist")] / rates[(r, "timm")] for r in (1, 2)]
+    median = float(re.search(r"median flowerdist / timm: ([\d.]+)", proc.stdout).group(1))
+    assert median == pytest.approx(sum(ratios) / 2, abs=2e-3)
+    order = [side for _, side in re.findall(r"round (\d) (timm|flowerdist)", proc.stdout)]
+    assert order == ["timm", "flowerdist", "flowerdist", "timm"]  # alternating, so a drift of the machine hits both

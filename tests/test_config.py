@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from flowerdist.config import Config, apply_overrides, load_config
@@ -19,10 +21,24 @@ def test_precedence_defaults_then_yaml_then_cli(tmp_path):
     assert cfg.name == "mine"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load(path):
-    cfg = load_config(path)
-    assert cfg.name == path.stem
+def test_every_shipped_config_trains_a_step_with_its_own_settings(path, tiny_data, tmp_path):
+    """Each recipe, shrunk only in size (images, batch, steps; no pretrained download), trains: its own mix of keys
+    (warm-up in epochs, MixUp/CutMix, EMA, bf16, ...) reaches the run's config.yaml unchanged."""
+    import yaml
+
+    from conftest import run_cli
+
+    size = ["data.image_size=32", "data.eval_image_size=0", "data.batch_size=8", "data.val_fraction=0.2", "model.pretrained=false"]
+    run = tmp_path / "run"
+    run_cli("train", "-c", str(path), f"data.root={tiny_data}", *size, "train.max_steps=2", "train.epochs=1", f"train.output_dir={run}",
+            "log.wandb=disabled", "log.progress=false")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    expected = load_config(path, [f"data.root={tiny_data}", *size, "train.max_steps=2", "train.epochs=1", f"train.output_dir={run}",
+                                  "log.wandb=disabled", "log.progress=false"]).to_dict()
+    assert saved == expected and saved["name"] == path.stem
+    assert json.loads((run / "result.json").read_text())["global_step"] == 2
 
 
 def test_shipped_config_set():

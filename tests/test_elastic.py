@@ -93,7 +93,7 @@ def test_a_lost_node_restarts_at_world_size_one_and_finishes(tiny_data, tmp_path
     first = (tmp_path / f"agent{agents.index(lost)}.log").read_text() + log  # rank 0 of the first round may be the lost node
     assert "world_size=2" in first and "world_size=1" in log and "resuming from" in log
     assert "train.grad_accum_steps=2 keeps the global batch 8 = 4 per device x 1 processes x 2" in log
-    assert back_after < 120, back_after  # bounded: a dead peer breaks the collective at once, the agent re-rendezvouses
+    assert back_after < 30, back_after  # measured 11.5 s: 3 missed heartbeats of 1 s, a last call of 5 s, then the resume
     ref = uninterrupted(2)
     assert samples_per_step(run) == samples_per_step(ref)  # no image skipped or repeated
     assert_same_weights(weights_of(run), weights_of(ref))

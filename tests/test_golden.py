@@ -24,6 +24,7 @@ TOLERANCE = 1e-5
 RECORD = "FLOWERDIST_RECORD_GOLDEN"
 
 
+@pytest.mark.slow  # trains 12 steps
 def test_first_steps_follow_the_recorded_loss_curve(tiny_data, tmp_path):
     run = tmp_path / "golden"
     run_cli("train", "-c", "configs/quickstart.yaml", f"data.root={tiny_data}", *TINY, f"train.output_dir={run}",

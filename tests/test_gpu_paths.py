@@ -273,6 +273,7 @@ def test_warmup_in_epochs_becomes_steps_of_this_layout():
     assert load_config(None, ["optim.warmup_steps=7"]).optim.warmup_steps == 7
 
 
+@pytest.mark.slow  # builds regnets
 def test_timm_batchnorm_act_keeps_its_activation_under_sync_bn():
     """regnet's BatchNormAct2d after conversion (GPU: timm's SyncBatchNormAct; CPU: GlobalBatchNorm): the same
     outputs as before, activations included."""

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from conftest import REPO, TINY, run_cli
 from flowerdist.data.images import load_rgb
 
-pytestmark = pytest.mark.slow
+
 
 
 def args(data, run, *extra):
@@ -51,6 +51,7 @@ def done_run(tiny_data, tmp_path):
 # ---- a run directory belongs to one run -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_fresh_run_into_the_same_folder_is_refused_before_writing(done_run, tiny_data):
     before = snapshot(done_run)
     one_line_error(run_cli(*args(tiny_data, done_run, "train.seed=3"), check=False), "already holds a run")
@@ -59,6 +60,7 @@ def test_a_second_fresh_run_into_the_same_folder_is_refused_before_writing(done_
     assert snapshot(done_run) == before
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_old_run_aside(done_run, tiny_data):
     before = snapshot(done_run)
     out = run_cli(*args(tiny_data, done_run, "train.seed=3", "train.overwrite=true")).stdout
@@ -72,6 +74,7 @@ def test_overwrite_moves_the_old_run_aside(done_run, tiny_data):
 
 @pytest.mark.parametrize("change, key", [("model.name=resnet18", "model.name"), ("model.shortcut=C", "model.shortcut"),
                                          ("train.seed=5", "train.seed"), ("data.val_fraction=0.3", "data.val_fraction")])
+@pytest.mark.slow
 def test_resume_refuses_another_model_or_other_data(done_run, tiny_data, change, key):
     before = snapshot(done_run)
     proc = run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.max_steps=8", change), check=False)
@@ -79,6 +82,7 @@ def test_resume_refuses_another_model_or_other_data(done_run, tiny_data, change,
     assert "makes another model or other data" in proc.stderr and snapshot(done_run) == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_class_set(done_run, tiny_data, tmp_path):
     three = tmp_path / "three"
     for name in ("daisy", "roses", "tulips"):
@@ -89,6 +93,7 @@ def test_resume_refuses_another_class_set(done_run, tiny_data, tmp_path):
     assert snapshot(done_run) == before
 
 
+@pytest.mark.slow
 def test_optimisation_changes_need_the_override_and_are_recorded(done_run, tiny_data):
     before = snapshot(done_run)
     one_line_error(run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.max_steps=8", "optim.lr=0.0005"), check=False),
@@ -107,6 +112,7 @@ def test_optimisation_changes_need_the_override_and_are_recorded(done_run, tiny_
     assert max(e["step"] for e in events) == 8
 
 
+@pytest.mark.slow
 def test_free_keys_may_change_on_resume(done_run, tiny_data):
     run_cli(*args(tiny_data, done_run, "train.resume=auto", "train.epochs=2", "train.max_steps=6", "train.log_every=2"))
     assert json.loads((done_run / "result.json").read_text())["global_step"] == 6
@@ -115,6 +121,7 @@ def test_free_keys_may_change_on_resume(done_run, tiny_data):
 # ---- checkpoints that cannot be trusted -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "empty", "pickled code"])
 def test_a_damaged_train_state_is_one_line(done_run, tiny_data, damage):
     state = done_run / "checkpoints" / "last" / "train_state.pt"
@@ -128,12 +135,14 @@ def test_a_damaged_train_state_is_one_line(done_run, tiny_data, damage):
     one_line_error(proc, "cannot be read safely")
 
 
+@pytest.mark.slow
 def test_a_missing_resume_path_fails_before_writing(tiny_data, tmp_path):
     run = tmp_path / "new"
     one_line_error(run_cli(*args(tiny_data, run, f"train.resume={tmp_path / 'nope'}"), check=False), "is not a training checkpoint")
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_meta_with_a_string_for_classes_is_refused(done_run, tiny_data):
     meta_path = done_run / "checkpoints" / "best" / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -142,6 +151,7 @@ def test_meta_with_a_string_for_classes_is_refused(done_run, tiny_data):
     one_line_error(run_cli("predict", "--checkpoint", str(done_run), str(tiny_data / "roses"), check=False), "'classes' (a list")
 
 
+@pytest.mark.slow
 def test_eval_never_uses_a_split_of_another_run(done_run, tiny_data, tmp_path):
     copied = tmp_path / "elsewhere" / "ckpt"
     shutil.copytree((done_run / "checkpoints" / "best").resolve(), copied)
@@ -171,6 +181,7 @@ def finite_checkpoints(run):
     return saved, all(torch.isfinite(t).all() for c in saved for t in load_file(c / "model.safetensors").values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_the_weights_guard_keeps_nonfinite_weights_out_of_checkpoints(tiny_data, tmp_path):
     """A checkpoint every step and no loss logged before step 50: the guard that stops the run is the one every save
     applies to the weights and optimizer state; the checkpoints written before are all finite."""
@@ -180,6 +191,7 @@ def test_the_weights_guard_keeps_nonfinite_weights_out_of_checkpoints(tiny_data,
     assert saved and finite  # step 1 was checkpointed, and nothing spoiled was
 
 
+@pytest.mark.slow
 def test_the_loss_guard_stops_at_the_first_nonfinite_loss(tiny_data, tmp_path):
     """The loss logged every step: the run stops at the first non-finite loss, before any checkpoint (epoch end or
     save) can be reached, naming the step and the fix."""
@@ -202,6 +214,7 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert np.all(np.diff(rgb[0, :, 0].astype(int)) >= 0) and abs(int(rgb[0, 128, 0]) - 128) <= 1
 
 
+@pytest.mark.slow
 def test_one_class_is_refused(tiny_data, tmp_path):
     only = tmp_path / "only"
     shutil.copytree(tiny_data / "daisy", only / "daisy")
@@ -222,6 +235,7 @@ def test_a_mistyped_root_never_becomes_synthetic_flowers(tmp_path):
 # ---- predict, download, W&B, output folder ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_keeps_the_good_images_when_one_is_bad(done_run, tiny_data, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(tiny_data / "roses", folder)
@@ -245,6 +259,7 @@ def test_online_wandb_without_a_key_fails_before_writing(tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_an_output_dir_behind_a_file_is_one_line(tiny_data, tmp_path):
     (tmp_path / "file").write_text("in the way")
     one_line_error(run_cli(*args(tiny_data, tmp_path / "file" / "run"), check=False), "train.output_dir=")
@@ -285,6 +300,7 @@ def test_unreadable_files_say_permission(tiny_data, tmp_path):
     assert "skipped daisy/daisy_00000.jpg: cannot read (permission denied)" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_max_steps_ends_the_schedule(tiny_data, tmp_path):
     run = tmp_path / "short"
     run_cli(*args(tiny_data, run, "train.max_steps=6", "train.log_every=1", "optim.warmup_steps=2"))
@@ -292,6 +308,7 @@ def test_max_steps_ends_the_schedule(tiny_data, tmp_path):
     assert len(lrs) == 6 and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine reached its floor at max_steps
 
 
+@pytest.mark.slow
 def test_a_run_copied_with_cp_r_resumes(done_run, tiny_data, tmp_path):
     """`cp -r` follows the last/best links and leaves folders in their place; a resume must still work."""
     copy = tmp_path / "copy"
@@ -299,3 +316,17 @@ def test_a_run_copied_with_cp_r_resumes(done_run, tiny_data, tmp_path):
     assert (copy / "checkpoints" / "last").is_dir() and not (copy / "checkpoints" / "last").is_symlink()
     run_cli(*args(tiny_data, copy, "train.resume=auto", "train.max_steps=6"))
     assert (copy / "checkpoints" / "last").is_symlink() and json.loads((copy / "result.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_resume_from_another_run_refuses_a_folder_holding_a_third(done_run, tiny_data, tmp_path):
+    """train.resume=PATH continues run A into train.output_dir; a folder that already holds run C is refused, as is."""
+    third = tmp_path / "third"
+    run_cli(*args(tiny_data, third, "train.seed=7"))
+    before = snapshot(third)
+    proc = run_cli(*args(tiny_data, third, f"train.resume={done_run}", "train.max_steps=6"), check=False)
+    one_line_error(proc, "continues another run")
+    assert "set train.output_dir to a new directory" in proc.stderr and snapshot(third) == before
+    fresh = tmp_path / "fresh"  # ...while a new folder takes the continuation
+    run_cli(*args(tiny_data, fresh, f"train.resume={done_run}", "train.max_steps=6"))
+    assert json.loads((fresh / "result.json").read_text())["global_step"] == 6

@@ -22,8 +22,6 @@ def test_launch_config(name):
     cfg = load_config_from_file(str(LAUNCH / name))
     assert (cfg.distributed_type.value, cfg.num_processes, cfg.num_machines, cfg.use_cpu) == EXPECTED[name]
     assert cfg.mixed_precision == "no"  # precision comes from the flowerdist config
-    text = (LAUNCH / name).read_text()
-    assert "-m flowerdist train -c configs/" in text  # the command to run it is in the file
 
 
 def test_every_launch_file_is_covered():

@@ -45,18 +45,20 @@ def on_meta(name: str, **kwargs) -> torch.nn.Module:
         return create_model(name, init_weights=False, **kwargs)
 
 
-def test_list_models_names_scratch_models_and_timm_hint():
-    names = list_models()
-    assert set(RESNETS + ["seed_resnet"]) <= set(names)
-    assert any(n.startswith("timm/") for n in names)
+def test_flowerdist_models_lists_every_model_and_how_to_name_a_timm_one():
+    from conftest import run_cli
+
+    lines = run_cli("models").stdout.splitlines()
+    assert lines == list_models() and set(RESNETS + ["seed_resnet"]) <= set(lines)
+    timm_lines = [line for line in lines if line.startswith("timm/")]
+    assert timm_lines and all(create_model(name, 5, image_size=32) for name in lines if not name.startswith("timm/"))
 
 
-def test_list_models_covers_the_known_models():
-    assert set(SCRATCH) >= set(RESNETS) | {"seed_resnet"}
+# every registered model with every shortcut it takes (seed_resnet has none)
+CASES = [(name, s) for name in SCRATCH for s in (("B",) if name == "seed_resnet" else ("A", "B", "C", "none"))]
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B", "C"])
-@pytest.mark.parametrize("name", SCRATCH)
+@pytest.mark.parametrize("name, shortcut", CASES)
 def test_forward_backward_every_parameter_gets_a_gradient(name, shortcut):
     torch.manual_seed(0)
     # init_weights=False: this checks structure; seed_resnet ignores shortcut

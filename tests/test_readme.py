@@ -1,9 +1,10 @@
 """The README as a user meets it: its config-key table is the one the code generates, and the command blocks of
 its Quick start and Using-it sections run, line by line, in one shell, the way a user types them (in a copy of the
-repository, at a tiny size: `make train` with ARGS from the environment, which make reads like the command line)."""
+repository), with the accuracy the README gives for `make train`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -49,8 +50,8 @@ def test_every_readme_command_names_files_that_exist():
 
 @pytest.mark.slow
 def test_quick_start_and_using_it_run_as_typed(tmp_path):
-    """The blocks as a user runs them after cloning: `make train` (one epoch here), `source .venv/bin/activate`, then
-    every Using-it line, each in the same shell. `make test` is this suite itself, so it is the one line left out."""
+    """The blocks as a user runs them after cloning: `make train`, `source .venv/bin/activate`, then every Using-it
+    line, each in the same shell. `make test` is this suite itself, so it is the one line left out."""
     clone = tmp_path / "clone"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for rel in files.split():
@@ -62,7 +63,7 @@ def test_quick_start_and_using_it_run_as_typed(tmp_path):
              if line.strip() and not line.lstrip().startswith("#") and not line.startswith("make test")]
     assert lines[0].startswith("make train") and any(line.startswith("source .venv/bin/activate") for line in lines)
     script = "set -euo pipefail\n" + "\n".join(f"echo '+ {i}'\n{line}" for i, line in enumerate(lines)) + "\necho '+ done'\n"
-    env = {**os.environ, "ARGS": "train.epochs=1", "PATH": os.environ["PATH"].replace(str(Path(sys.executable).parent) + os.pathsep, "")}
+    env = {**os.environ, "PATH": os.environ["PATH"].replace(str(Path(sys.executable).parent) + os.pathsep, "")}
     env.pop("VIRTUAL_ENV", None)  # a user's fresh shell: nothing of the venv on PATH until the README activates it
     proc = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     done = re.findall(r"^\+ (\d+)$", proc.stdout, re.M)
@@ -71,3 +72,7 @@ def test_quick_start_and_using_it_run_as_typed(tmp_path):
     assert (clone / "runs" / "first" / "report" / "report.md").is_file() and (clone / "model.onnx").is_file()
     assert (clone / "predictions.png").is_file() and len(list((clone / "data" / "more_flowers").rglob("*.jpg"))) == 100
     assert "Would sync 1 run(s)" in proc.stderr + proc.stdout
+    # what the README's Results say `make train` reaches: 0.915 on the project machine (AVX-512 + AMX), 0.86 on AVX2
+    (run,) = (clone / "runs").glob("quickstart-*")
+    accuracy = [json.loads(line)["val/accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines() if "val/accuracy" in line]
+    assert len(accuracy) == 8 and accuracy[-1] >= 0.83, accuracy

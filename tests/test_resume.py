@@ -57,7 +57,6 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs, unint
     extra = batch(nprocs)
     proc = start(nprocs, args(tiny_data, cut, extra))
     kill_after_a_checkpoint(proc, cut, rng)
-    killed_at = max(logged_steps(cut))
     assert json.loads((cut / "checkpoints" / "last" / "meta.json").read_text())["step"] < 40  # killed mid-run
     out = launch(nprocs, *args(tiny_data, cut, extra, "train.resume=auto"))
     resumed_at = int(re.search(r"resuming from \S+ \(epoch \d+, step (\d+)\)", out.stdout).group(1))
@@ -80,7 +79,6 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs, unint
             if "train/loss" in row:
                 assert seen.setdefault(row["_step"], row["train/loss"]) == row["train/loss"]
     assert sorted(seen) == [r["step"] for r in ref_lines if "train/loss" in r]
-    assert killed_at >= 7
     # keep_last: old training checkpoints were pruned
     assert len(list((cut / "checkpoints").glob("step-*"))) == 2
 

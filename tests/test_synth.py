@@ -71,7 +71,7 @@ def test_colour_alone_does_not_separate_the_classes(synth_set):
     centroids = np.stack([x[train & (y == k)].mean(0) for k in range(len(FLOWER_CLASSES))])
     pred = np.argmin(((x[~train, None] - centroids[None]) ** 2).sum(-1), axis=1)
     accuracy = (pred == y[~train]).mean()
-    assert accuracy < 0.6, accuracy  # chance is 0.2; shape, not colour, must tell the classes apart
+    assert accuracy < 0.4, accuracy  # measured 0.25-0.34 (chance 0.20): shape, not colour, must tell the classes apart
 
 
 def test_existing_non_empty_out_is_refused(synth_set):

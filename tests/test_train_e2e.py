@@ -42,7 +42,7 @@ def test_run_directory_is_complete(trained_run):
 def test_learns_clearly_above_chance(trained_run):
     accs = [m["val/accuracy"] for m in epochs(trained_run)]
     assert len(accs) == 8
-    assert max(accs) >= 0.45, accs  # chance is 0.20
+    assert max(accs) >= 0.55, accs  # measured 0.625 (80 images at 64 px, 8 epochs); chance is 0.20
     losses = [m["train/epoch_loss"] for m in epochs(trained_run)]
     assert losses[-1] < losses[0]
 

@@ -46,5 +46,5 @@ class FlowerDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed would also reseed every GPU (and costs 80x more)
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
-            tensor = self.transform(image)
+            tensor = self.transform(image, epoch) if isinstance(key, tuple) else self.transform(image)  # training keys carry the epoch
         return tensor, self.index.labels[i], i

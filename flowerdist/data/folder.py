@@ -77,6 +77,16 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> Ima
     return index
 
 
+def without(index: ImageFolderIndex, other: ImageFolderIndex) -> tuple[ImageFolderIndex, int]:
+    """`index` without the images that `other` holds too, matched by class and file name without its extension (a
+    resized copy and its original match); and how many were removed."""
+    held = {(Path(f).parent.as_posix(), Path(f).stem) for f in other.files}
+    keep = [i for i, f in enumerate(index.files) if (Path(f).parent.as_posix(), Path(f).stem) not in held]
+    kept = ImageFolderIndex(index.root, index.classes, tuple(index.files[i] for i in keep), tuple(index.labels[i] for i in keep))
+    require_images_in_every_class(kept, "has no image left once data.test_root's are held out", "point data.test_root at fewer photos")
+    return kept, len(index) - len(keep)
+
+
 def stratified_split(labels: tuple[int, ...] | list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic per-class split: round(val_fraction * n_class) of each class (at least one) to validation."""
     labels_arr = np.asarray(labels)

@@ -46,9 +46,9 @@ class RandomResizedCrop:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, side: int | None = None) -> torch.Tensor:
         top, left, h, w = self.params(*image.shape[-2:])
-        return v2.functional.resized_crop(image, top, left, h, w, self.size, antialias=True)
+        return v2.functional.resized_crop(image, top, left, h, w, [side, side] if side else self.size, antialias=True)
 
 
 class RandomErasing(v2.RandomErasing):
@@ -62,8 +62,42 @@ class RandomErasing(v2.RandomErasing):
         return params
 
 
-def train_transform(image_size: int, min_scale: float = 0.35, augment=None) -> v2.Compose:
-    """Random crop + flip, then what `augment` (an AugmentConfig) switches on, all on uint8 CHW tensors.
+def progressive_sides(final: int, start: int = 0, until: float = 0.85, epochs: int = 1):
+    """Epoch -> training side: `start` px at epoch 0 growing linearly to `final` by `until` of the `epochs`, in
+    multiples of 16 (FFCV's progressive resizing); always `final` when `start` is 0."""
+    if not start:
+        return lambda epoch: final
+    end = max(1, round(until * epochs))
+
+    def side(epoch: int) -> int:
+        exact = start + min(1.0, epoch / end) * (final - start)
+        return min(final, max(start, int(round(exact / 16)) * 16))
+
+    return side
+
+
+class TrainTransform:
+    """The training pipeline: the random crop at the epoch's side, then the other ops. Called with (image, epoch);
+    `transforms` lists the ops (at the final side) for `flowerdist.data.costs`."""
+
+    def __init__(self, crop: RandomResizedCrop, rest: list, sides=None):
+        self.crop, self.rest = crop, rest
+        self.sides = sides or (lambda epoch: crop.size[0])
+
+    @property
+    def transforms(self) -> list:
+        return [self.crop, *self.rest]
+
+    def __call__(self, image: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        image = self.crop(image, self.sides(epoch))
+        for op in self.rest:
+            image = op(image)
+        return image
+
+
+def train_transform(image_size: int, min_scale: float = 0.35, augment=None, sides=None) -> TrainTransform:
+    """Random crop + flip, then what `augment` (an AugmentConfig) switches on, all on uint8 CHW tensors; `sides`
+    (`progressive_sides`) sets the crop's side per epoch.
 
     Every op draws from torch's RNG, which `FlowerDataset` seeds per sample. Scaling to float and
     normalising happen on the device.
@@ -78,7 +112,7 @@ def train_transform(image_size: int, min_scale: float = 0.35, augment=None) -> v
             ops.append(v2.TrivialAugmentWide())
         if augment.random_erasing > 0:
             ops.append(RandomErasing(p=augment.random_erasing, value="random"))
-    return v2.Compose(ops)
+    return TrainTransform(ops[0], ops[1:], sides)
 
 
 def eval_resize(image_size: int) -> int:
