@@ -67,13 +67,15 @@ class DataConfig:
     val_fraction: float = 0.2
     """Fraction of every class held out for validation (stratified, seeded by train.seed)."""
     num_workers: int | Literal["auto"] = "auto"
-    """DataLoader worker processes per rank (0 loads in the training process). auto: 0 on the CPU, where
-    workers would compete with the model for the same cores; min(8, CPUs per process) on a GPU."""
+    """DataLoader worker processes per rank (0 loads in the training process). auto: 0 on the CPU, where workers
+    would compete with the model for the same cores; on a GPU every CPU this process may use (its affinity mask, as
+    Slurm or taskset set it), shared by the node's ranks. The start line says what was chosen and why."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead (with num_workers > 0)."""
     cache: bool | Literal["auto"] = "auto"
     """Fast data path: decode every image once into a memory-mapped uint8 cache shared by the ranks of a node.
-    auto: on for CPU training (falls back to the folder, with a note, if the cache cannot be written), off on a GPU."""
+    auto: on for CPU training (falls back to the folder, with a note, if the cache cannot be written); on a GPU on
+    when the pipeline, timed on this machine at start, is faster from it and it fits the disk and half the memory."""
     cache_size: int = 0
     """Short side in pixels of the cached images; 0 keeps the original sizes (the cache then never changes pixels)."""
     cache_dir: str = ""
@@ -201,9 +203,10 @@ class EvalConfig:
 @section
 class LogConfig:
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto: online when an API key is configured, offline otherwise."""
+    """Weights & Biases: auto is online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline
+    into RUN/wandb/offline-run-* (upload later with `wandb sync`); disabled: metrics.jsonl only."""
     project: str = "flowerdist"
-    """W&B project name."""
+    """The W&B project the runs are filed under."""
     progress: bool = True
     """Show a tqdm progress bar on the main process."""
 
