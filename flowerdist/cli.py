@@ -101,7 +101,7 @@ def _download(args) -> None:
 def _report(args) -> None:
     from flowerdist.report import write_report
 
-    write_report(args.runs, args.out)
+    write_report(args.runs, args.out, baseline=args.baseline, per_run=args.per_run)
 
 
 def _export(args) -> None:
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="a table and figures (report.md + PNGs) from run directories, offline")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output folder (default RUN_DIR/report for one run, reports/<time>/ for several)")
+    p.add_argument("--baseline", help="the row the others are compared with (paired CI): text in its runs' directory names (default: the first row)")
+    p.add_argument("--per-run", dest="per_run", action=argparse.BooleanOptionalAction, default=None,
+                   help="each run's confusion matrix and mistakes grid (default: with at most 6 runs)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("export", help="the run's best weights as ONNX or TorchScript, with its preprocessing and a parity check")

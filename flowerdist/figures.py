@@ -96,6 +96,19 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
     return fig
 
 
+def budget_figure(curves: dict[str, list[tuple[int, float, float]]]) -> Figure:
+    """Final validation accuracy against the training budget (optimizer steps), mean and 95% interval over seeds."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    for i, (name, points) in enumerate(curves.items()):
+        steps, means, halves = zip(*points)
+        ax.errorbar(steps, means, yerr=halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
+    ax.set(xscale="log", xlabel="training budget (optimizer steps, log scale)", ylabel="final validation accuracy",
+           title="accuracy against budget (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def per_class_figure(names: Sequence[str], classes: Sequence[str], accuracies: Sequence[Sequence[float]]) -> Figure:
     """Per-class validation accuracy, one bar group per class, one bar per run."""
     width = 0.8 / max(1, len(names))

@@ -1,8 +1,14 @@
-"""`flowerdist report RUN_DIR [RUN_DIR ...] [--out DIR]`: a table and figures from run directories alone.
+"""`flowerdist report RUN_DIR [RUN_DIR ...] [--out DIR] [--baseline TEXT]`: a table and figures from run
+directories alone.
 
 It reads what a run writes (config.yaml, metrics.jsonl, run.json, result.json, split.json and the best
 checkpoint); no W&B and no network. Runs that differ only in `train.seed` form one row of mean ± std.
 A run still in progress, or cut short, is reported with what it has, and marked so.
+
+With several seeds per row, each row also gets the difference of its final validation accuracy to a baseline
+row (the first, or the one whose run names contain --baseline) with a 95% confidence interval, paired over the
+seeds both rows ran (the same seed draws the same split and initial weights): a paired t interval. Rows that
+differ only in the budget (train.epochs) make a plot of accuracy against the training steps (budget.png).
 """
 
 from __future__ import annotations
@@ -23,6 +29,25 @@ from flowerdist.errors import FlowerdistError
 #: Keys that do not make another experiment: runs differing only in these are seeds of one row.
 NOT_THE_EXPERIMENT = ("train.seed", "train.output_dir", "train.resume", "train.overwrite", "train.resume_override", "name", "log.", "data.num_workers",
                       "data.prefetch_factor", "data.cache", "train.record_samples", "train.checkpoint_every", "train.keep_last")
+#: ...and rows differing only in these are one network at several budgets (budget.png).
+BUDGET = ("train.epochs", "train.max_steps")
+
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
+        12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The quantile for `df` degrees of freedom; between tabled values the next smaller df's (a wider interval)."""
+    if df > 30:
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval (0 for one value)."""
+    n = len(values)
+    return statistics.mean(values), (t975(n - 1) * statistics.stdev(values) / n**0.5 if n > 1 else 0.0)
 
 
 @dataclass
@@ -52,6 +77,20 @@ class Run:
     @property
     def final(self) -> dict[str, Any] | None:
         return self.epochs[-1] if self.epochs else None
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """The last epoch's validation accuracy of the weights `train.best_of` follows (not selected on anything)."""
+        return self.final.get(self.best_key, self.final["val/accuracy"]) if self.final else None
+
+    @property
+    def steps(self) -> int:
+        return max((e["step"] for e in self.events), default=0)
+
+    @property
+    def test(self) -> dict[str, Any]:
+        """The held-out test set's results (data.test_root), when the run had one."""
+        return next((e for e in self.events if "test/best/accuracy" in e), {})
 
     @property
     def classes(self) -> list[str]:
@@ -97,8 +136,34 @@ def load_run(path: str | Path) -> Run:
     return Run(path, config_from_dict(data, where=str(path / "config.yaml")), events, info, result)
 
 
-def experiment_key(run: Run) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in run.config.flat().items() if not k.startswith(NOT_THE_EXPERIMENT)))
+def experiment_key(run: Run, ignore: tuple[str, ...] = ()) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in run.config.flat().items() if not k.startswith(NOT_THE_EXPERIMENT + ignore)))
+
+
+def paired_difference(group: list[Run], baseline: list[Run]) -> str:
+    """`mean [low, high] (n)` of the final accuracy minus the baseline's, paired by train.seed."""
+    base = {r.config.train.seed: r.final_accuracy for r in baseline if r.final_accuracy is not None}
+    diffs = [r.final_accuracy - base[r.config.train.seed] for r in group if r.final_accuracy is not None and r.config.train.seed in base]
+    if len(diffs) < 2:
+        return ""
+    mean, half = mean_ci(diffs)
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
+
+
+def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float]]]:
+    """Network -> (steps, mean final accuracy, 95% half-width) per budget, for networks run at two budgets or more."""
+    families: dict[tuple, dict[int, list[Run]]] = {}
+    for run in runs:
+        if run.final_accuracy is not None:
+            families.setdefault(experiment_key(run, BUDGET), {}).setdefault(run.steps, []).append(run)
+    out = {}
+    for budgets in families.values():
+        if len(budgets) >= 2:
+            first = next(iter(budgets.values()))[0].config
+            name = f"{first.model.name}" + (f" ({'plain' if first.model.shortcut == 'none' else 'shortcut ' + first.model.shortcut})"
+                                            if first.model.name.startswith("resnet") else "")
+            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group])) for steps, group in sorted(budgets.items())]
+    return out
 
 
 def group_by_seed(runs: Sequence[Run]) -> list[list[Run]]:
@@ -158,6 +223,8 @@ def row(group: list[Run]) -> dict[str, str]:
         "weights": "EMA" if prefix == "val_ema" else "model",  # what the accuracies below are of (train.best_of)
         "best val acc": _mean_std(best),
         "final val acc": _mean_std(final),
+        **({"test acc, best / last checkpoint": f"{_mean_std([r.test['test/best/accuracy'] for r in group])} / "
+                                                 f"{_mean_std([r.test['test/last/accuracy'] for r in group])}"} if all(r.test for r in group) else {}),
         "per-class acc (final)": per_class,
         "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.2f}"),
         "images/s": _mean_std(rates, "{:.1f}"),
@@ -167,9 +234,9 @@ def row(group: list[Run]) -> dict[str, str]:
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may add columns (test accuracy)
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join(" --- " for _ in keys) + "|"]
-    lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(r.get(k, "") for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -177,8 +244,10 @@ def default_out(paths: Sequence[Path]) -> Path:
     return paths[0] / "report" if len(paths) == 1 else Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log=print) -> Path:
-    """report.md and its PNG figures in `out`; returns the report's path."""
+def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log=print, baseline: str | None = None,
+                 per_run: bool | None = None) -> Path:
+    """report.md and its PNG figures in `out`; returns the report's path. `per_run`: each run's confusion matrix and
+    mistakes grid (default: when there are at most 6 runs)."""
     from flowerdist import figures
 
     runs = [load_run(p) for p in paths]
@@ -186,7 +255,21 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     out.mkdir(parents=True, exist_ok=True)
     groups = group_by_seed(runs)
     lines = [f"# flowerdist report: {len(runs)} run(s), {len(groups)} row(s)", "", f"Written {datetime.now():%Y-%m-%d %H:%M} from the run directories alone.", ""]
-    lines += [markdown_table([row(g) for g in groups]), ""]
+    rows = [row(g) for g in groups]
+    base = next((g for g in groups if baseline and all(baseline in str(r.path) for r in g)), groups[0])
+    if baseline and not any(all(baseline in str(r.path) for r in g) for g in groups):
+        raise FlowerdistError(f"--baseline {baseline}: no row's runs all have it in their path; give part of the baseline runs' directory names")
+    if any(len(g) > 1 for g in groups):
+        for g, r in zip(groups, rows):
+            r[f"final acc - {base[0].name.split(',seed=')[0] if len(base) > 1 else base[0].name} (95% CI, paired by seed)"] = (
+                "baseline" if g is base else paired_difference(g, base))
+    lines += [markdown_table(rows), ""]
+    curves = budget_curves(runs)
+    if curves:
+        figures.save(figures.budget_figure(curves), out / "budget.png")
+        lines += ["## Accuracy against the training budget", "", "![final validation accuracy against steps, mean and 95% CI over seeds](budget.png)", ""]
+        lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f}" for steps, m, h in points}}
+                                  for name, points in curves.items()]), ""]
     names = {r.name for r in runs}  # two runs called `run` in different folders are labelled with their parent too
     label = {id(r): (r.name if len(names) == len(runs) else f"{r.path.parent.name}/{r.name}") for r in runs}
     with_data = [r for r in runs if r.events]
@@ -199,7 +282,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         bars = [[r.final.get(f"val/accuracy/{c}", 0.0) for c in classes] for r in finals]
         figures.save(figures.per_class_figure([label[id(r)] for r in finals], classes, bars), out / "per_class.png")
         lines += ["## Per-class accuracy (final epoch)", "", "![per-class accuracy](per_class.png)", ""]
-    for r in runs:
+    for r in runs if (per_run if per_run is not None else len(runs) <= 6) else []:
         lines += run_figures(r, label[id(r)], out, log)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

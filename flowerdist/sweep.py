@@ -16,8 +16,10 @@ A sweep file names a base config, overrides for every cell, the grid, and where 
 
 Cell `name=resnet34,seed=1` trains in `<output_dir>/name=resnet34,seed=1` with `train.resume=auto`.
 A finished cell (it has `result.json`) is skipped and a half-finished one resumes, so an
-interrupted sweep, rerun, continues where it stopped. Here the cells run one after another in
-this process; `--slurm` submits one Slurm job array, a task per cell, through slurm/launch.sh.
+interrupted sweep, rerun, continues where it stopped. A cell whose config is identical to a finished run
+anywhere under `runs/` (another sweep's cell, say) reuses it: the cell becomes a link to that run. Here the
+cells run one after another in this process; `--slurm` submits one Slurm job array, a task per cell,
+through slurm/launch.sh.
 """
 
 from __future__ import annotations
@@ -36,6 +38,35 @@ from flowerdist.config import load_config
 from flowerdist.errors import FlowerdistError
 
 RESULT = "result.json"  # written by flowerdist.train when a run ends normally
+
+#: Keys that change where a run lives or what it logs, not what it trains: ignored when matching finished runs.
+NOT_THE_RESULT = ("name", "log.", "train.output_dir", "train.resume", "train.overwrite", "train.resume_override", "train.log_every",
+                  "train.checkpoint_every", "train.keep_last", "train.dist_timeout_s", "train.record_samples", "data.num_workers",
+                  "data.prefetch_factor", "data.cache", "data.cache_dir")
+
+
+def result_key(config: dict[str, Any]) -> str:
+    """What a run's result depends on, as text: its config without NOT_THE_RESULT, data folders resolved."""
+    from flowerdist.config import _flatten
+
+    flat = {k: v for k, v in _flatten(config).items() if not k.startswith(NOT_THE_RESULT)}
+    for key in ("data.root", "data.test_root"):
+        if flat.get(key):
+            flat[key] = str(Path(flat[key]).resolve())
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def finished_runs(roots: Sequence[Path]) -> dict[str, Path]:
+    """result_key -> run directory of every finished run under `roots` that trained with one config throughout."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        for result in sorted(root.rglob(RESULT)) if root.is_dir() else []:
+            run = result.parent
+            config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else None
+            if run.is_symlink() or not isinstance(config, dict) or config.get("resumed_changes"):
+                continue  # a link made by reuse, or a run whose config changed on resume
+            found.setdefault(result_key(config), run)
+    return found
 
 
 @dataclass(frozen=True)
@@ -110,11 +141,19 @@ def run_sweep(path: str, variant: str | None = None, extra: Sequence[str] = (), 
             raise FlowerdistError(f"--cell {cell} is out of range: {path} has cells 0-{len(cells) - 1}")
         print(" ".join(cells[cell].args()))  # what slurm/launch.sh trains for array task `cell`
         return cells
+    elsewhere = finished_runs([Path("runs"), cells[0].run_dir.parent])
+    twins = {i: elsewhere.get(result_key(load_config(c.config, list(c.overrides)).to_dict())) for i, c in enumerate(cells)
+             if not c.done and not c.run_dir.exists()}
     for i, c in enumerate(cells):
         state = "done" if c.done else ("partial" if (c.run_dir / "checkpoints").is_dir() else "to run")
+        state = f"the same config finished in {twins[i]}, reused" if twins.get(i) else state
         print(f"sweep: cell {i} {c.name}: {state} ({c.run_dir})", flush=True)
     if dry_run:
         return cells
+    for i, twin in twins.items():  # a link to the finished run: the cell is done, `report` reads it like any run
+        if twin is not None:
+            cells[i].run_dir.parent.mkdir(parents=True, exist_ok=True)
+            cells[i].run_dir.symlink_to(twin.resolve(), target_is_directory=True)
     if slurm:
         return submit_array(path, variant, extra, cells)
     from flowerdist.train import train

@@ -38,7 +38,10 @@ def epochs(run):
 
 
 def table(report):
-    lines = [line for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    """The report's first table (the rows of runs)."""
+    text = report.read_text()
+    first = text[text.index("\n| "):].split("\n\n")[0]
+    lines = [line for line in first.strip().splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     keys = [k.strip() for k in lines[0].strip("|").split("|")]
     return [dict(zip(keys, (v.strip() for v in line.strip("|").split("|")))) for line in lines[1:]]
 
@@ -176,3 +179,54 @@ def test_export_without_onnx_names_the_extra(trained_run, tmp_path, monkeypatch)
     proc = run_cli("export", "--checkpoint", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx", check=False)
     assert proc.returncode == 2 and "pip install -e '.[export]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+# ---- statistics over seeds and budgets (report.py), on run records built in memory -----------------------------
+
+
+def fake_run(tmp_path, name, finals, seed, epochs=6, shortcut="B", model="resnet18"):
+    """A run record as load_run makes it: the config and one validation event per epoch."""
+    from flowerdist.config import load_config
+    from flowerdist.report import Run
+
+    cfg = load_config(None, [f"model.name={model}", f"model.shortcut={shortcut}", f"train.seed={seed}", f"train.epochs={epochs}"])
+    events = [{"step": 10 * (i + 1), "val/accuracy": acc} for i, acc in enumerate(finals)]
+    return Run(tmp_path / name, cfg, events)
+
+
+def test_paired_interval_of_the_difference_to_the_baseline(tmp_path):
+    from flowerdist.report import paired_difference
+
+    base = [fake_run(tmp_path, f"b{s}", [0.5, acc], s) for s, acc in enumerate([0.70, 0.72, 0.68])]
+    other = [fake_run(tmp_path, f"o{s}", [0.5, acc], s, shortcut="A") for s, acc in enumerate([0.71, 0.75, 0.70])]
+    # differences 0.01, 0.03, 0.02: mean 0.02, sd 0.01, t(2) = 4.303 -> half-width 0.02484
+    assert paired_difference(other, base) == "+0.020 [-0.005, +0.045] (n=3)"
+    unpaired = [fake_run(tmp_path, "u", [0.9], 7, shortcut="A")]  # no seed in common with the baseline
+    assert paired_difference(unpaired, base) == ""
+
+
+def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
+    from flowerdist.report import budget_curves
+
+    runs = [fake_run(tmp_path, f"r{e}-{s}", [0.1] * (e - 1) + [acc], s, epochs=e)
+            for e, accs in ((2, (0.50, 0.54)), (4, (0.60, 0.62))) for s, acc in enumerate(accs)]
+    runs.append(fake_run(tmp_path, "plain", [0.3, 0.4], 0, epochs=2, shortcut="none"))  # one budget: no curve
+    curves = budget_curves(runs)
+    assert list(curves) == ["resnet18 (shortcut B)"]
+    (s1, m1, h1), (s2, m2, h2) = curves["resnet18 (shortcut B)"]
+    assert (s1, s2) == (20, 40) and (m1, m2) == (pytest.approx(0.52), pytest.approx(0.61))
+    assert h1 == pytest.approx(12.706 * statistics.stdev([0.50, 0.54]) / 2**0.5)
+
+
+@pytest.mark.slow
+def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories(tiny_data, tmp_path):
+    runs = [short_run(tiny_data, tmp_path / f"e{e}-s{s}", f"train.seed={s}", f"train.epochs={e}", "train.max_steps=0")
+            for e in (1, 2) for s in (0, 1)]
+    out = tmp_path / "rep"
+    run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "e2-")
+    text = (out / "report.md").read_text()
+    assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text
+    rows = table(out / "report.md")
+    column = next(k for k in rows[0] if k.startswith("final acc - "))
+    assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=2)" in sorted(r[column] for r in rows)[0]
+    assert not list(out.glob("mistakes-*.png")) == (len(runs) <= 6)  # per-run figures only for a few runs (4 here: yes)

@@ -79,3 +79,25 @@ def test_a_killed_sweep_skips_finished_cells_and_resumes_the_partial_one(tiny_da
     result = json.loads((second / "result.json").read_text())
     steps = [json.loads(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     assert steps == list(range(1, result["global_step"] + 1))  # resumed: no step lost or repeated
+
+
+@pytest.mark.slow
+def test_a_cell_identical_to_a_finished_run_elsewhere_is_reused(tiny_data, tmp_path):
+    """Two sweeps sharing a cell (the ResNet-18 row of several experiment tables): the second links to the first's
+    finished run instead of training it again; a cell that differs trains."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    config = str(REPO / "configs" / "quickstart.yaml")  # the second sweep runs from another folder
+    first = sweep_file(tmp_path / "a", tiny_data, grid={"train.seed": [0]}, output_dir=str(tmp_path / "runs" / "a"), config=config)
+    run_cli("sweep", str(first))
+    second = sweep_file(tmp_path / "b", tiny_data, grid={"train.seed": [0, 3]}, output_dir=str(tmp_path / "runs" / "b"), config=config,
+                        overrides=[f"data.root={tiny_data}", "data.synthetic=false", "data.image_size=64", "data.batch_size=16",
+                                   "data.num_workers=1", "log.wandb=disabled", "log.progress=false", "train.epochs=2",
+                                   "train.checkpoint_every=5", "train.log_every=2"])  # differs only in what is not trained
+    out = subprocess.run([sys.executable, "-m", "flowerdist", "sweep", str(second)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout  # finds runs/ here
+    reused, trained = tmp_path / "runs" / "b" / "seed=0", tmp_path / "runs" / "b" / "seed=3"
+    assert "seed=0: the same config finished in" in out and "reused" in out
+    assert "training cell 1 seed=3" in out and "training cell 0" not in out
+    assert reused.is_symlink() and reused.resolve() == (tmp_path / "runs" / "a" / "seed=0").resolve()
+    assert (trained / "result.json").is_file() and not trained.is_symlink()
