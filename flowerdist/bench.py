@@ -174,7 +174,7 @@ def run_bench(args) -> dict:
             waits: dict[str, list[float]] = {p: [] for p in loops}
             medians: dict[str, list[float]] = {p: [] for p in loops}
             kept: dict[str, dict] = {p: {} for p in loops}  # peak memory (largest over rounds), the first step's seconds
-            for rnd in range(args.rounds):
+            for rnd in range(args.rounds if loops else 0):  # `--parts pipeline` alone has no loops to alternate
                 for part in loops[rnd % len(loops):] + loops[: rnd % len(loops)]:  # rotate the order
                     tag = f"{part}-{precision}-{path}-r{rnd}"
                     r = run_part(part, {**spec, "run_dir": str(out_dir / tag)}, out_dir, tag)

@@ -69,3 +69,16 @@ def test_the_race_against_timm_runs_and_reports_the_ratio(tiny_data, tmp_path):
     assert median == pytest.approx(sum(ratios) / 2, abs=2e-3)
     order = [side for _, side in re.findall(r"round (\d) (timm|flowerdist)", proc.stdout)]
     assert order == ["timm", "flowerdist", "flowerdist", "timm"]  # alternating, so a drift of the machine hits both
+
+
+@pytest.mark.slow
+def test_the_pipeline_part_alone_gives_the_stage_table(tmp_path):
+    """`bench --parts pipeline` (no loop to alternate with): the loader at each worker count and the per-stage costs,
+    with the cores a GPU would need."""
+    out = run_cli("bench", "--device", "cpu", "--parts", "pipeline", "--data-path", "folder,cache", "--pipeline-workers", "0,1",
+                  "--image-size", "32", "--batch", "4", "--window", "2", "--windows", "2", "--synthetic-per-class", "8",
+                  "--synthetic-size", "48", "--config", "configs/flowers/resnet50_gpu.yaml", "--out-dir", str(tmp_path)).stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {(r["data_path"], r["workers"]) for r in report["rows"]} == {("folder", 0), ("folder", 1), ("cache", 0), ("cache", 1)}
+    assert set(report["stages_ms"]) == {"folder", "cache"} and "trivialaugment" in report["stages_ms"]["folder"]  # the recipe's policy
+    assert "| cores per GPU at 3,000 images/s |" in out
