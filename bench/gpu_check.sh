@@ -23,7 +23,7 @@
 #   PYTHON=python3 PHOTOS=.gpu_data/photos OUT_DIR=$OUT/check bash bench/gpu_check.sh
 #
 # The CPU form the tests run (tests/test_bench.py), every step at a tiny size:
-#   DEVICE=cpu MODELS="seed_resnet resnet18" PRECISIONS=bf16 IMAGE_SIZE=32 BATCH=8 WINDOW=2 WINDOWS=2 PER_CLASS=20 \
+#   DEVICE=cpu MODELS="seed_resnet resnet18" PRECISIONS=bf16 DATA_PATHS=cache IMAGE_SIZE=32 BATCH=8 WINDOW=2 WINDOWS=2 PER_CLASS=20 \
 #       SYNTH_SIZE=48 WORKERS=1 TRAIN_SECONDS=15 RESUME_SECONDS=10 \
 #       TRAIN_ARGS="model.name=seed_resnet data.image_size=32 data.eval_image_size=0 data.batch_size=8 train.epochs=1000" \
 #       bash bench/gpu_check.sh
@@ -52,7 +52,7 @@ bench() {  # NAME MODEL [bench options...]
 }
 
 # 1-3: throughput (a failing step is logged and the others still run: the table shows what was measured)
-bench "${MODELS[0]}" "${MODELS[0]}" --precision "$precisions" --data-path cache,folder --parts model,plain,flowerdist,pipeline
+bench "${MODELS[0]}" "${MODELS[0]}" --precision "$precisions" --data-path "${DATA_PATHS:-cache,folder}" --parts model,plain,flowerdist,pipeline
 for model in "${MODELS[@]:1}"; do
     bench "$model" "$model" --precision "$precisions" --data-path cache --parts model,flowerdist
 done

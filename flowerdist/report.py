@@ -226,7 +226,7 @@ def row(group: list[Run]) -> dict[str, str]:
         **({"test acc, best / last checkpoint": f"{_mean_std([r.test['test/best/accuracy'] for r in group])} / "
                                                  f"{_mean_std([r.test['test/last/accuracy'] for r in group])}"} if all(r.test for r in group) else {}),
         "per-class acc (final)": per_class,
-        "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.2f}"),
+        "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.3g}"),
         "images/s": _mean_std(rates, "{:.1f}"),
         "data wait": _mean_std([100 * w for w in waits], "{:.1f}") + ("%" if waits else ""),
         "status": "; ".join(sorted({r.status for r in group})),

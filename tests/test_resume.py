@@ -68,7 +68,8 @@ def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, nprocs, unint
     # metrics.jsonl: the same events, no gap, no duplicate step
     ref_lines = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
     cut_lines = [json.loads(l) for l in (cut / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k and "seconds" not in k and "data_wait" not in k} for r in rows]
+    measured = ("per_s", "seconds", "data_wait", "peak_memory")  # timings and memory: measurements, not training
+    strip = lambda rows: [{k: v for k, v in r.items() if not any(m in k for m in measured)} for r in rows]
     assert strip(cut_lines) == strip(ref_lines)
     # W&B: one run id over both segments; together they log every step, equal values where they overlap
     runs = sorted(cut.glob("wandb/offline-run-*/run-*.wandb"))
@@ -192,7 +193,7 @@ def test_a_signal_stops_a_run_whose_epochs_are_shorter_than_a_log_window(tiny_da
     """log_every larger than an epoch (small data, many GPUs): no log step inside an epoch ever checks the signal, so
     the run stops at the next epoch end, after that epoch's checkpoint, exits 3, and resumes to the end."""
     run = tmp_path / "run"
-    extra = ("data.batch_size=8", "train.epochs=6", "train.log_every=50", "train.checkpoint_every=0")  # 20 steps an epoch
+    extra = ("data.batch_size=8", "train.epochs=4", "train.log_every=50", "train.checkpoint_every=0")  # 20 steps an epoch
     proc = start(1, args(tiny_data, run, *extra))
     deadline = time.time() + 120
     metrics = run / "metrics.jsonl"
@@ -203,6 +204,6 @@ def test_a_signal_stops_a_run_whose_epochs_are_shorter_than_a_log_window(tiny_da
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 3, out[-2000:]
     stopped = json.loads((run / "checkpoints" / "last" / "meta.json").read_text())["step"]
-    assert stopped % 20 == 0 and stopped < 120 and f"stopped by a signal at step {stopped}" in out
+    assert stopped % 20 == 0 and stopped < 80 and f"stopped by a signal at step {stopped}" in out
     resumed = launch(1, *args(tiny_data, run, *extra, "train.resume=auto")).stdout
-    assert f"step {stopped})" in resumed and json.loads((run / "result.json").read_text())["global_step"] == 120
+    assert f"step {stopped})" in resumed and json.loads((run / "result.json").read_text())["global_step"] == 80
