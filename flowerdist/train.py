@@ -196,11 +196,8 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         metrics = end_epoch(cfg, accelerator, model, ema, data, plan, state, steplog, logger, ckpt, (state.samples_in_epoch - start_samples, seconds))
         if state.global_step < plan.total_steps and stop.agreed(accelerator):  # an epoch shorter than a log window
             preempted(accelerator, state)  # end_epoch saved the checkpoint
-    if data.test_loader is not None:
-        metrics.update(test_results(cfg, accelerator, model, ema, ckpt, data, logger, state.global_step))
-    # Every rank states a digest of its weights (and rank 0's buffers): DDP replicas must agree bit for bit.
-    broadcast_buffers(bare_model(model))
-    print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(bare_model(model))}", flush=True)
+    metrics.update(evaluate_test_set(cfg, accelerator, model, ema, ckpt, data, logger, state.global_step))
+    state_digest(accelerator, model)
     result = TrainResult(run_dir, state.best_accuracy, metrics, state.global_step)
     if accelerator.is_main_process:
         result.write()
@@ -208,9 +205,11 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
     return result
 
 
-def test_results(cfg, accelerator, model, ema, ckpt: Checkpointer, data: Data, logger: RunLogger, step: int) -> dict[str, Any]:
+def evaluate_test_set(cfg, accelerator, model, ema, ckpt: Checkpointer, data: Data, logger: RunLogger, step: int) -> dict[str, Any]:
     """The held-out test set (data.test_root), never used to select: the best checkpoint's weights (chosen on the
-    validation split) and the last ones (the raw model's or, with train.best_of=ema, the EMA's)."""
+    validation split) and the last ones (the raw model's or, with train.best_of=ema, the EMA's). {} without one."""
+    if data.test_loader is None:
+        return {}
     import copy
 
     from flowerdist.checkpoint import read_weights
@@ -228,6 +227,12 @@ def test_results(cfg, accelerator, model, ema, ckpt: Checkpointer, data: Data, l
     say(accelerator, f"flowerdist: test set ({out['test/count']} photos of {cfg.data.test_root}, never used to select): "
                      f"best checkpoint {out['test/best/accuracy']:.4f}, last weights {out['test/last/accuracy']:.4f}")
     return out
+
+
+def state_digest(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Every rank states a digest of its weights (and rank 0's buffers): DDP replicas must agree bit for bit."""
+    broadcast_buffers(bare_model(model))
+    print(f"flowerdist: rank {accelerator.process_index} weights sha256 {weights_digest(bare_model(model))}", flush=True)
 
 
 def preempted(accelerator: Accelerator, state: TrainState) -> None:
