@@ -363,7 +363,7 @@ def build_data(cfg: Config, accelerator: Accelerator, resume: Resume | None) -> 
     """Generate (synthetic), check every image, split (or keep a resumed run's split), and build the loaders."""
     ensure_synthetic_data(cfg, accelerator)
     index = checked_index(cfg.data.root, accelerator)
-    test = checked_index(cfg.data.test_root, accelerator, classes=index.classes) if cfg.data.test_root else None
+    test = held_out_index(cfg.data.test_root, index, accelerator) if cfg.data.test_root else None
     if test is not None:
         index, held = without(index, test)
         say(accelerator, f"flowerdist: test set {cfg.data.test_root}: {len(test)} photos, evaluated at the end only; "
@@ -424,6 +424,17 @@ def checked_index(root: str, accelerator: Accelerator, classes: tuple[str, ...] 
     if accelerator.num_processes > 1:
         broadcast_object_list(skipped)
     return usable_index(index, skipped[0])
+
+
+def held_out_index(root: str, index: ImageFolderIndex, accelerator: Accelerator) -> ImageFolderIndex:
+    """data.test_root, checked like data.root; it must hold data.root's classes."""
+    path = Path(root)
+    if not path.is_dir():
+        raise FlowerdistError(f"data.test_root={root} does not exist; point it at a ROOT/<class>/<image> folder of held-out photos, or set data.test_root=\"\"")
+    found = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if tuple(found) != index.classes:
+        raise FlowerdistError(f"data.test_root={root} has classes {found} but data.root has {list(index.classes)}: a test folder needs the same classes")
+    return checked_index(root, accelerator, classes=index.classes)
 
 
 def data_path(cfg: Config, index: ImageFolderIndex, transform, accelerator: Accelerator):

@@ -330,3 +330,14 @@ def test_resume_from_another_run_refuses_a_folder_holding_a_third(done_run, tiny
     fresh = tmp_path / "fresh"  # ...while a new folder takes the continuation
     run_cli(*args(tiny_data, fresh, f"train.resume={done_run}", "train.max_steps=6"))
     assert json.loads((fresh / "result.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.parametrize("problem", ["missing", "other classes"])
+def test_a_test_folder_that_cannot_be_one_is_one_line(tiny_data, tmp_path, problem):
+    test = tmp_path / "test"
+    if problem == "other classes":
+        for name in ("daisy", "roses"):
+            shutil.copytree(tiny_data / name, test / name)
+    proc = run_cli(*args(tiny_data, tmp_path / "run", f"data.test_root={test}"), check=False)
+    one_line_error(proc, "data.test_root=")
+    assert ("does not exist" if problem == "missing" else "has classes ['daisy', 'roses'] but data.root has") in proc.stderr
