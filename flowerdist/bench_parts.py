@@ -178,12 +178,16 @@ def part_flowerdist(spec: dict, device: torch.device) -> dict:
     train(load_config(spec.get("config"), overrides))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_epoch = len(json.loads((run_dir / "split.json").read_text())["train"]) // spec["batch"]  # steps of an epoch
-    w = spec["window"]
-    logged = [r for r in rows if "train/images_per_s" in r and r["step"] % w == 0 and r["step"] > w]  # first: warm-up
-    clean = [r for r in logged if (r["step"] - w) // per_epoch == (r["step"] - 1) // per_epoch and (r["step"] - w) % per_epoch]
-    windows = clean[: spec["windows"]]
+    logged = [r for r in rows if "train/images_per_s" in r and r["step"] % spec["window"] == 0 and r["step"] > spec["window"]]  # first: warm-up
+    windows = clean_windows(logged, spec["window"], per_epoch)[: spec["windows"]]
     return {"rates": [r["train/images_per_s"] for r in windows], "data_wait": statistics.mean(r["train/data_wait"] for r in windows),
-            "skipped_refill_windows": len(logged) - len(clean), **peak_memory(device)}
+            "skipped_refill_windows": len(logged) - len(clean_windows(logged, spec["window"], per_epoch)), **peak_memory(device)}
+
+
+def clean_windows(logged: list[dict], window: int, per_epoch: int) -> list[dict]:
+    """The log windows (each ends at its "step" and covers the `window` steps before) that hold no epoch's first step:
+    there the workers refill from scratch, a cost of short epochs that the steady-state rate must leave out."""
+    return [r for r in logged if all((step - 1) % per_epoch for step in range(r["step"] - window + 1, r["step"] + 1))]
 
 
 def part_pipeline(spec: dict, device: torch.device) -> dict:

@@ -82,3 +82,11 @@ def test_the_pipeline_part_alone_gives_the_stage_table(tmp_path):
     assert {(r["data_path"], r["workers"]) for r in report["rows"]} == {("folder", 0), ("folder", 1), ("cache", 0), ("cache", 1)}
     assert set(report["stages_ms"]) == {"folder", "cache"} and "trivialaugment" in report["stages_ms"]["folder"]  # the recipe's policy
     assert "| cores per GPU at 3,000 images/s |" in out
+
+
+def test_timed_windows_leave_out_the_epochs_refills():
+    """10 steps an epoch, windows of 4: the windows ending at 4, 12 and 24 hold steps 1, 11 and 21 (an epoch's first)."""
+    from flowerdist.bench_parts import clean_windows
+
+    logged = [{"step": s} for s in (4, 8, 12, 16, 20, 24)]
+    assert [r["step"] for r in clean_windows(logged, 4, 10)] == [8, 16, 20]
