@@ -24,7 +24,7 @@
 #
 # The CPU form the tests run (tests/test_bench.py), every step at a tiny size:
 #   DEVICE=cpu MODELS="seed_resnet resnet18" PRECISIONS=bf16 DATA_PATHS=cache IMAGE_SIZE=32 BATCH=8 WINDOW=2 WINDOWS=2 PER_CLASS=20 \
-#       SYNTH_SIZE=48 WORKERS=1 TRAIN_SECONDS=15 RESUME_SECONDS=10 \
+#       SYNTH_SIZE=48 WORKERS=1 TRAIN_SECONDS=4 RESUME_SECONDS=3 \
 #       TRAIN_ARGS="model.name=seed_resnet data.image_size=32 data.eval_image_size=0 data.batch_size=8 train.epochs=1000" \
 #       bash bench/gpu_check.sh
 set -euo pipefail
@@ -62,22 +62,23 @@ bench "${MODELS[0]}-compiled" "${MODELS[0]}" --precision bf16 --data-path cache 
 photos=${PHOTOS:-data/bench_flowers_${SYNTH_SIZE:-256}px_${PER_CLASS:-1200}}
 run=$OUT_DIR/train
 read -ra extra <<<"${TRAIN_ARGS:-}"
-train() {  # SECONDS LOG [overrides...]: train, SIGTERM after SECONDS, wait for the checkpoint and exit
-    local seconds=$1 out=$2; shift 2
+train() {  # SECONDS LOG PATTERN [overrides...]: train; once LOG shows PATTERN (training has started), SIGTERM after SECONDS
+    local seconds=$1 out=$2 started=$3; shift 3
     "$PY" -m flowerdist train -c "$CONFIG" "data.root=$photos" "train.output_dir=$run" log.wandb=disabled log.progress=false \
         train.log_every=10 "${extra[@]}" "$@" >"$out" 2>&1 &
     local pid=$! waited=0
+    while kill -0 "$pid" 2>/dev/null && ! grep -q "$started" "$out"; do sleep 0.2; done
     while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$seconds" ]; do sleep 1; waited=$((waited + 1)); done
     kill -TERM "$pid" 2>/dev/null || true
     local code=0; wait "$pid" || code=$?
     echo "$code"
 }
 log "train $CONFIG on $photos for ${TRAIN_SECONDS:-180} s, then SIGTERM"
-code=$(train "${TRAIN_SECONDS:-180}" "$OUT_DIR/train.log" train.overwrite=true)  # a rerun into the same OUT_DIR moves the old run aside
+code=$(train "${TRAIN_SECONDS:-180}" "$OUT_DIR/train.log" "global batch" train.overwrite=true)  # a rerun into the same OUT_DIR moves the old run aside
 log "first segment exited $code (3: stopped by the signal, checkpoint saved): $(tail -n 1 "$OUT_DIR/train.log")"
 stopped=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["step"])' "$run/checkpoints/last/meta.json" 2>/dev/null || echo none)
 log "resume from step $stopped for ${RESUME_SECONDS:-40} s"
-code=$(train "${RESUME_SECONDS:-40}" "$OUT_DIR/resume.log" train.resume=auto)
+code=$(train "${RESUME_SECONDS:-40}" "$OUT_DIR/resume.log" "resuming from" train.resume=auto)
 resumed=$(sed -n 's/.*resuming from .* (epoch [0-9]*, step \([0-9]*\)).*/\1/p' "$OUT_DIR/resume.log" | head -n 1)
 log "second segment exited $code; resumed at step ${resumed:-none} (checkpoint step $stopped)"
 printf '{"stopped_at": "%s", "resumed_at": "%s"}\n' "$stopped" "${resumed:-none}" >"$OUT_DIR/resume.json"

@@ -15,7 +15,7 @@ from conftest import REPO, run_cli
 
 CPU_FORM = {  # bench/gpu_check.sh's own header gives this form
     "DEVICE": "cpu", "MODELS": "seed_resnet resnet18", "PRECISIONS": "bf16", "DATA_PATHS": "cache", "IMAGE_SIZE": "32", "BATCH": "8", "WINDOW": "2",
-    "WINDOWS": "2", "PER_CLASS": "20", "SYNTH_SIZE": "48", "WORKERS": "1", "TRAIN_SECONDS": "15", "RESUME_SECONDS": "10",
+    "WINDOWS": "2", "PER_CLASS": "20", "SYNTH_SIZE": "48", "WORKERS": "1", "TRAIN_SECONDS": "4", "RESUME_SECONDS": "3",
     "TRAIN_ARGS": "model.name=seed_resnet data.image_size=32 data.eval_image_size=0 data.batch_size=8 train.epochs=1000",
 }
 
