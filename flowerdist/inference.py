@@ -62,7 +62,8 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
         scope = f"validation split of {ckpt.parent.parent}"
     cpu = torch.device("cpu")
     workers = choose_data_path(cfg.data.num_workers, False, cpu, 1).workers
-    loader = make_loader(FlowerDataset(index, eval_transform(cfg.eval_image_size)), indices, cfg.data.batch_size, workers, cpu)
+    short = None if other_root else (cfg.data.cache_size or None)  # the run's own photos as its validation saw them
+    loader = make_loader(FlowerDataset(index, eval_transform(cfg.eval_image_size), short_side=short), indices, cfg.data.batch_size, workers, cpu)
     result = evaluate(for_evaluation(model, cfg.eval.flip), loader, len(classes), cpu, autocast=autocast_for(cpu, cfg.eval_precision))
     return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), "flip": cfg.eval.flip, "precision": cfg.eval_precision, **result}
 

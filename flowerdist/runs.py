@@ -35,14 +35,14 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "split.json", "checkpoints")
 FREE = {
     "name", "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last",
     "train.dist_timeout_s", "train.record_samples", "train.cpu", "data.root", "data.num_workers",
-    "data.prefetch_factor", "data.cache", "data.cache_dir", "data.cache_size", "data.synthetic",
+    "data.prefetch_factor", "data.cache", "data.cache_dir", "data.synthetic",
     "data.synthetic_per_class", "data.synthetic_size", "data.eval_image_size", "model.compile", "model.channels_last",
     "eval.flip", "eval.precision",
 }
 UNRECORDED = {"train.resume", "train.output_dir", "train.overwrite", "train.resume_override"}
 #: Keys (or sections, ending in ".") that change the optimisation: refused unless train.resume_override=true.
 OPTIMISATION = (
-    "optim.", "augment.", "data.batch_size", "data.min_scale", "data.progressive_from", "data.progressive_until",
+    "optim.", "augment.", "data.batch_size", "data.min_scale", "data.progressive_from", "data.progressive_until", "data.cache_size",
     "train.grad_accum_steps", "train.label_smoothing",
     "train.mixed_precision", "train.ema_decay", "train.ema_warmup", "train.best_of", "train.sync_bn",
 )

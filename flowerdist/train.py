@@ -383,8 +383,9 @@ def build_data(cfg: Config, accelerator: Accelerator, resume: Resume | None) -> 
     transform = train_transform(cfg.data.image_size, cfg.data.min_scale, cfg.augment, sides)
     path = data_path(cfg, index, transform, accelerator)
     cache = open_decoded_cache(cfg, index, accelerator) if path.cache else None
-    train_set = FlowerDataset(index, transform, cfg.train.seed, cache=cache)
-    val_set = FlowerDataset(index, eval_transform(cfg.eval_image_size), cache=cache)
+    short = cfg.data.cache_size or None
+    train_set = FlowerDataset(index, transform, cfg.train.seed, cache=cache, short_side=short)
+    val_set = FlowerDataset(index, eval_transform(cfg.eval_image_size), cache=cache, short_side=short)
     loader = dict(batch_size=cfg.data.batch_size, workers=path.workers, device=accelerator.device, prefetch_factor=cfg.data.prefetch_factor)
     test_loader = None
     if test is not None:  # the photos as they are (no cache): evaluated like `flowerdist eval data.root=TEST`

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import statistics
 
 import pytest
 import torch
@@ -41,18 +40,19 @@ def test_cache_equals_folder_bit_for_bit_per_rank(tiny_data, tmp_path, rank):
         assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b)
 
 
-def test_downscaled_cache_same_labels_same_eval_pixels_close_train_crops(tiny_data, tmp_path):
+def test_a_short_side_gives_the_same_pixels_from_the_folder_and_from_the_cache(tiny_data, tmp_path):
+    """data.cache_size: the folder path resizes as the cache stores, so training and evaluation pixels are the same
+    whichever path a machine takes; without the short side the originals' crops differ (another resolution)."""
     index = scan_folder(tiny_data)
-    cache = open_cache(index, eval_resize(40), tmp_path, build=True, **SILENT)  # 64 px originals stored at 46 px
-    assert tuple(cache[0].shape[1:]) == (46, 46)
-    for i in range(0, len(index), 7):
-        folder, cached = FlowerDataset(index, eval_transform(40))[i], FlowerDataset(index, eval_transform(40), cache=cache)[i]
-        assert folder[1:] == cached[1:] and torch.equal(folder[0], cached[0])
-    folder, cached = FlowerDataset(index, train_transform(40), seed=1), FlowerDataset(index, train_transform(40), seed=1, cache=cache)
-    same = [(folder[(0, i)][0].float() - cached[(0, i)][0].float()).abs().mean().item() for i in range(0, len(index), 5)]
-    other = [(folder[(0, i)][0].float() - folder[(9, i)][0].float()).abs().mean().item() for i in range(0, len(index), 5)]
-    # the same region resampled from fewer pixels, not another crop
-    assert statistics.mean(same) < 0.25 * statistics.mean(other)
+    cache = open_cache(index, 52, tmp_path, build=True, **SILENT)  # 64 px originals stored at 52 px
+    assert tuple(cache[0].shape[1:]) == (52, 52)
+    for transform, key in ((train_transform(40), lambda i: (3, i)), (eval_transform(40), lambda i: i)):
+        folder = FlowerDataset(index, transform, seed=1, short_side=52)
+        cached = FlowerDataset(index, transform, seed=1, cache=cache, short_side=52)
+        originals = FlowerDataset(index, transform, seed=1)
+        for i in range(0, len(index), 7):
+            assert folder[key(i)][1:] == cached[key(i)][1:] and torch.equal(folder[key(i)][0], cached[key(i)][0])
+        assert any(not torch.equal(originals[key(i)][0], cached[key(i)][0]) for i in range(0, len(index), 7))
 
 
 def test_changed_folder_gets_a_new_cache(tiny_data, tmp_path):

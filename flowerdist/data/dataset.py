@@ -7,6 +7,7 @@ depend on the number of ranks, DataLoader workers, or where a run was resumed.
 from __future__ import annotations
 
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from flowerdist.data.folder import ImageFolderIndex
@@ -22,14 +23,17 @@ class FlowerDataset(torch.utils.data.Dataset):
     """Items are `(uint8 image, label, index)`, looked up by `(epoch, index)` keys from `ShardedSampler` (or plain indices).
 
     Images come from the folder (decoded per item) or, with `cache`, from the decoded-image cache
-    (`flowerdist.data.cache`); both give item i of the same index, so labels and order agree.
+    (`flowerdist.data.cache`); both give item i of the same index, so labels and order agree. With `short_side`
+    (`data.cache_size`) a decoded image is first resized to that short side, as the cache stores it: the two paths
+    give the same pixels, and originals give what a folder of resized copies gives.
     """
 
-    def __init__(self, index: ImageFolderIndex, transform, seed: int = 0, cache=None):
+    def __init__(self, index: ImageFolderIndex, transform, seed: int = 0, cache=None, short_side: int | None = None):
         self.index = index
         self.transform = transform
         self.seed = seed
         self.cache = cache
+        self.resize = v2.Resize(short_side, antialias=True) if short_side and cache is None else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -38,7 +42,8 @@ class FlowerDataset(torch.utils.data.Dataset):
         """Item i as a uint8 CHW tensor, before augmentation."""
         if self.cache is not None:
             return self.cache[i]
-        return pil_to_tensor(load_rgb(self.index.root / self.index.files[i]))
+        image = pil_to_tensor(load_rgb(self.index.root / self.index.files[i]))
+        return self.resize(image).contiguous() if self.resize is not None else image
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
