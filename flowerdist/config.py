@@ -173,6 +173,9 @@ class TrainConfig:
     """Convert BatchNorm to SyncBatchNorm in multi-process runs."""
     log_every: int = 10
     """Log loss and lr every this many optimizer steps (the only host syncs in the step loop)."""
+    eval_every: int = 1
+    """Validate every this many epochs, and after the last; `best` is chosen among the validated epochs. On a CPU
+    the validation of the raw and the EMA weights at a raised eval_image_size costs a third of a short epoch."""
     cpu: bool = False
     """Train on the CPU even when a GPU is visible."""
     checkpoint_every: int = 0
@@ -422,6 +425,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.best_of == "ema" and not cfg.train.ema_decay:
         raise FlowerdistError("train.best_of=ema needs an EMA: set train.ema_decay (e.g. 0.999) or train.best_of=model")
     need(cfg.train.log_every >= 1, "train.log_every", "must be at least 1")
+    need(cfg.train.eval_every >= 1, "train.eval_every", "must be at least 1 (epochs)")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be 0 (epoch ends only) or positive")
     need(cfg.train.dist_timeout_s >= 10, "train.dist_timeout_s", "must be at least 10 seconds")
     need(cfg.train.keep_last >= 1, "train.keep_last", "must be at least 1")

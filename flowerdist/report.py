@@ -216,7 +216,7 @@ def row(group: list[Run]) -> dict[str, str]:
         "model": cfg.model.name,
         "shortcut": cfg.model.shortcut if cfg.model.name.startswith("resnet") else "",
         "parameters": f"{params / 1e6:.2f} M" if params else "",
-        "epochs": _mean_std([len(r.epochs) for r in group], "{:.0f}") + f" of {cfg.train.epochs}",
+        "epochs": _mean_std([sum("train/epoch_loss" in e for e in r.events) for r in group], "{:.0f}") + f" of {cfg.train.epochs}",
         "global batch": str(first.global_batch),
         "world size": str(first.info.get("world_size", "")),
         "device": first.info.get("device", ""),

@@ -33,7 +33,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "split.json", "checkpoints")
 
 #: Keys that may change on resume (recorded when they do); `train.resume` and friends are not recorded.
 FREE = {
-    "name", "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last",
+    "name", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_last",
     "train.dist_timeout_s", "train.record_samples", "train.cpu", "data.root", "data.num_workers",
     "data.prefetch_factor", "data.cache", "data.cache_dir", "data.synthetic",
     "data.synthetic_per_class", "data.synthetic_size", "data.eval_image_size", "model.compile", "model.channels_last",

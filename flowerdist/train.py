@@ -277,7 +277,8 @@ def log_step(accelerator, steplog, scheduler, logger, bar, state: TrainState, pl
 
 def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: TrainState, steplog: StepLog, logger: RunLogger,
               ckpt: Checkpointer, timing: tuple[int, float]) -> dict[str, Any]:
-    """Evaluate (the EMA too, when there is one), log the epoch, checkpoint (best when `train.best_of` improved), summarise.
+    """Evaluate (the EMA too, when there is one; every `train.eval_every` epochs and at the end), log the epoch,
+    checkpoint (best when `train.best_of` improved), summarise.
 
     An epoch cut short by `train.max_steps` keeps its position, so a resume with more steps finishes it.
     """
@@ -289,6 +290,9 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     evaluated = {"val": bare_model(model), "val_ema": ema.module}
     broadcast_buffers(*evaluated.values())  # every rank evaluates (and rank 0 saves) the same running statistics
     pictures = logger.wandb_mode is not None and accelerator.is_main_process
+    final = state.global_step >= plan.total_steps or epoch + 1 == cfg.train.epochs
+    if (epoch + 1) % cfg.train.eval_every and not final:  # no validation this epoch: save, log the training side
+        return skip_validation(cfg, accelerator, state, plan, logger, ckpt, complete, train_loss, images_per_s, seconds)
     results = {prefix: validate(cfg, accelerator, m, data.val_loader, len(data.classes), pictures) for prefix, m in evaluated.items() if m is not None}
     metrics = {"epoch": epoch + state.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch), "train/epoch_loss": train_loss}
     for prefix, val in results.items():
@@ -301,7 +305,7 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     tables = {"val/confusion_table": confusion_table(val["confusion"], data.classes)} if (logger.wandb_mode and accelerator.is_main_process) else None
     logger.log(metrics, state.global_step, tables)
     improved = val["accuracy"] > state.best_accuracy
-    if pictures and (improved or state.global_step >= plan.total_steps or epoch + 1 == cfg.train.epochs):
+    if pictures and (improved or final):
         logger.log_figures(result_figures(val, data, f"epoch {epoch + 1}, step {state.global_step}"), state.global_step)
     state.best_accuracy = max(state.best_accuracy, val["accuracy"])
     if complete:
@@ -314,6 +318,22 @@ def end_epoch(cfg, accelerator, model, ema, data: Data, plan: Plan, state: Train
     )
     if accelerator.is_main_process:
         tqdm.write(summary)  # above the progress bar when there is one
+    return metrics
+
+
+def skip_validation(cfg, accelerator, state: TrainState, plan: Plan, logger: RunLogger, ckpt: Checkpointer, complete: bool, train_loss: float,
+                    images_per_s: float, seconds: float) -> dict[str, Any]:
+    """The end of an epoch that `train.eval_every` does not validate: the training metrics, a checkpoint, a line."""
+    metrics = {"epoch": state.epoch + state.samples_in_epoch / (plan.steps_per_epoch * plan.global_batch), "train/epoch_loss": train_loss,
+               "epoch/images_per_s": images_per_s, "epoch/seconds": seconds}
+    logger.log(metrics, state.global_step)
+    epoch = state.epoch
+    if complete:
+        state.next_epoch()
+    ckpt.save(state.global_step, state.epoch)
+    if accelerator.is_main_process:
+        tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  (validated every {cfg.train.eval_every})  "
+                   f"{images_per_s:.1f} img/s  {seconds:.1f} s")
     return metrics
 
 

@@ -181,3 +181,13 @@ def test_eval_uses_the_precision_the_run_validated_in(tiny_data, tmp_path):
     fp32 = json.loads(run_cli("eval", "--checkpoint", str(run / "checkpoints" / "last"), "eval.precision=no", "--json").stdout)
     assert auto["precision"] == "bf16" and auto["loss"] == pytest.approx(logged["val/loss"], rel=1e-9)
     assert fp32["precision"] == "no" and 1e-6 < abs(fp32["loss"] - auto["loss"]) < 0.05
+
+
+def test_eval_every_validates_every_nth_epoch_and_the_last(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*common(tiny_data, run, "train.epochs=5", "train.eval_every=2", "train.max_steps=0"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "train/epoch_loss" in line]
+    assert len(events) == 5 and [("val/accuracy" in e) for e in events] == [False, True, False, True, True]
+    best = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())["step"]
+    assert best in {e["step"] for e in events if "val/accuracy" in e}
+    assert json.loads((run / "checkpoints" / "last" / "meta.json").read_text())["step"] == events[-1]["step"]
