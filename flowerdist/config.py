@@ -77,9 +77,9 @@ class DataConfig:
     auto: on for CPU training (falls back to the folder, with a note, if the cache cannot be written); on a GPU on
     when the pipeline, timed on this machine at start, is faster from it and it fits the disk and half the memory."""
     cache_size: int = 0
-    """Short side in pixels that data.root's images are resized to when loaded, from the cache or the folder alike
-    (the cache stores them so); 0 keeps the original sizes. A recipe tuned on 192-px copies sets 192, so originals
-    train on the same pixels. Photos evaluated from another folder (data.test_root, eval data.root=...) keep theirs."""
+    """Short side in pixels that data.root's larger images are shrunk to when loaded, from the cache or the folder
+    alike (the cache stores them so; smaller ones stay as they are); 0 keeps the original sizes. A recipe tuned on
+    192-px copies sets 192, so originals train on the same pixels. Photos evaluated from another folder (data.test_root, eval data.root=...) keep theirs."""
     cache_dir: str = ""
     """Where the decoded-image cache lives ("": `<data.root>/.flowerdist-cache`)."""
     min_scale: float = 0.35

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli
-from flowerdist.data.cache import cache_key, open_cache
+from flowerdist.data.cache import _estimated_bytes, cache_key, open_cache
 from flowerdist.data.dataset import FlowerDataset
 from flowerdist.data.folder import scan_folder
 from flowerdist.data.transforms import eval_resize, eval_transform, train_transform
@@ -53,6 +53,30 @@ def test_a_short_side_gives_the_same_pixels_from_the_folder_and_from_the_cache(t
         for i in range(0, len(index), 7):
             assert folder[key(i)][1:] == cached[key(i)][1:] and torch.equal(folder[key(i)][0], cached[key(i)][0])
         assert any(not torch.equal(originals[key(i)][0], cached[key(i)][0]) for i in range(0, len(index), 7))
+
+
+def test_the_short_side_shrinks_larger_photos_and_keeps_smaller_ones(tmp_path):
+    """data.cache_size=N as a folder of N-px copies is made: a photo over N is shrunk to N, one already under N is
+    kept as it is. So the copies train unchanged under the recipe's cache_size, and originals reach their sizes."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    sizes = {"a/big.png": (80, 64), "a/small.png": (50, 40), "b/tall.png": (45, 70), "b/exact.png": (48, 60)}
+    rng = np.random.default_rng(0)
+    for rel, (w, h) in sizes.items():
+        (tmp_path / "photos" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "photos" / rel)
+    index = scan_folder(tmp_path / "photos")
+    cache = open_cache(index, 48, tmp_path / "cache", build=True, **SILENT)
+    folder = FlowerDataset(index, None, short_side=48)
+    expected = {"a/big.png": (48, 60), "a/small.png": (40, 50), "b/tall.png": (70, 45), "b/exact.png": (60, 48)}  # (h, w)
+    for i, rel in enumerate(index.files):
+        assert tuple(cache[i].shape[1:]) == tuple(folder.image(i).shape[1:]) == expected[rel], rel
+        assert torch.equal(cache[i], folder.image(i))
+        if min(sizes[rel]) <= 48:  # kept: the very pixels of the file
+            assert torch.equal(cache[i], pil_to_tensor(Image.open(tmp_path / "photos" / rel).convert("RGB"))), rel
+    assert _estimated_bytes(index, 48) == sum(cache[i].numel() for i in range(len(index)))
 
 
 def test_changed_folder_gets_a_new_cache(tiny_data, tmp_path):

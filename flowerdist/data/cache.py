@@ -7,7 +7,7 @@ the items its sampler yields, so the per-rank sharding is unchanged.
 
 By default (`data.cache_size=0`) the images are stored at their original size: the cache then
 changes speed, never pixels, and training from it is bit-identical to reading the folder. With
-`data.cache_size=N` they are stored with short side N (smaller file, for large photos):
+`data.cache_size=N` those with a short side over N are stored shrunk to N (smaller file, for large photos):
 evaluation crops at `eval_resize(image_size) <= N` stay bit-identical, training crops follow the
 same seeded recipe on the smaller image (the same regions, resampled from fewer pixels).
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -38,10 +39,11 @@ from torchvision.transforms import v2
 from flowerdist.data.folder import ImageFolderIndex
 from flowerdist.data.images import load_rgb
 from flowerdist.data.loader import make_loader
+from flowerdist.data.transforms import ShrinkShortSide, shrunk_size
 from flowerdist.errors import FlowerdistError
 from flowerdist.files import atomic_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: data.cache_size shrinks only (images under it are stored as they are)
 
 
 def cache_root(data_root: str, cache_dir: str) -> Path:
@@ -87,7 +89,7 @@ class _Decode(torch.utils.data.Dataset):
 
     def __init__(self, index: ImageFolderIndex, short_side: int | None):
         self.index = index
-        self.resize = v2.Resize(short_side, antialias=True) if short_side else torch.nn.Identity()
+        self.resize = ShrinkShortSide(short_side) if short_side else torch.nn.Identity()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -104,8 +106,7 @@ def _estimated_bytes(index: ImageFolderIndex, short_side: int | None, sample: in
     for i in picks:
         with Image.open(index.root / index.files[i]) as img:
             w, h = img.size
-        side = short_side or min(w, h)
-        total += 3 * side * max(1, round(side * max(w, h) / max(1, min(w, h))))
+        total += 3 * math.prod(shrunk_size(w, h, short_side))
     return total * len(index) // max(1, len(picks))
 
 

@@ -70,13 +70,13 @@ def stage_costs(index, transform, cache=None, count: int = 48, seed: int = 0) ->
 
 
 class DecodedSample(dict):
-    """The images `stage_costs` samples, decoded (and resized to `short_side`) once, as the decoded-image cache holds
+    """The images `stage_costs` samples, decoded (and shrunk to `short_side`) once, as the decoded-image cache holds
     them; indexing copies, as reading the memory-mapped cache does."""
 
     def __init__(self, index, short_side: int | None, count: int):
-        from torchvision.transforms import v2
+        from flowerdist.data.transforms import ShrinkShortSide
 
-        resize = v2.Resize(short_side, antialias=True) if short_side else (lambda x: x)
+        resize = ShrinkShortSide(short_side) if short_side else (lambda x: x)
         picks = {round(i * (len(index) - 1) / max(1, count - 1)) for i in range(count)}
         super().__init__({i: resize(pil_to_tensor(load_rgb(index.root / index.files[i]))).contiguous() for i in picks})
 

@@ -12,6 +12,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from flowerdist.data.folder import ImageFolderIndex
 from flowerdist.data.images import load_rgb
+from flowerdist.data.transforms import ShrinkShortSide
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -24,8 +25,8 @@ class FlowerDataset(torch.utils.data.Dataset):
 
     Images come from the folder (decoded per item) or, with `cache`, from the decoded-image cache
     (`flowerdist.data.cache`); both give item i of the same index, so labels and order agree. With `short_side`
-    (`data.cache_size`) a decoded image is first resized to that short side, as the cache stores it: the two paths
-    give the same pixels, and originals give what a folder of resized copies gives.
+    (`data.cache_size`) a decoded image larger than that short side is first shrunk to it, as the cache stores it: the
+    two paths give the same pixels, and originals give what a folder of resized copies gives.
     """
 
     def __init__(self, index: ImageFolderIndex, transform, seed: int = 0, cache=None, short_side: int | None = None):
@@ -33,7 +34,7 @@ class FlowerDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.cache = cache
-        self.resize = v2.Resize(short_side, antialias=True) if short_side and cache is None else None
+        self.resize = ShrinkShortSide(short_side) if short_side and cache is None else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -43,7 +44,7 @@ class FlowerDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             return self.cache[i]
         image = pil_to_tensor(load_rgb(self.index.root / self.index.files[i]))
-        return self.resize(image).contiguous() if self.resize is not None else image
+        return self.resize(image) if self.resize is not None else image
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)

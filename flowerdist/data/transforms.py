@@ -115,6 +115,29 @@ def train_transform(image_size: int, min_scale: float = 0.35, augment=None, side
     return TrainTransform(ops[0], ops[1:], sides)
 
 
+class ShrinkShortSide(torch.nn.Module):
+    """data.cache_size: resize an image whose short side exceeds `side` down to it; smaller images stay as they are.
+    That is how a folder of N-px copies is made (a photo already under N is copied as it is), so originals shrunk
+    here give the copies' sizes, and the copies themselves pass unchanged."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if min(image.shape[-2:]) <= self.side:
+            return image
+        return v2.functional.resize(image, self.side, antialias=True).contiguous()
+
+
+def shrunk_size(width: int, height: int, side: int | None) -> tuple[int, int]:
+    """The (width, height) ShrinkShortSide(side) gives an image of that size (side None or 0: unchanged)."""
+    if not side or min(width, height) <= side:
+        return width, height
+    long = int(side * max(width, height) / min(width, height))  # torchvision's rounding (truncation)
+    return (side, long) if width <= height else (long, side)
+
+
 def eval_resize(image_size: int) -> int:
     """Short side before the centre crop: the standard 0.875 crop ratio (256 for 224)."""
     return round(image_size / 0.875)
