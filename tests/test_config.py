@@ -31,8 +31,8 @@ def test_every_shipped_config_trains_a_step_with_its_own_settings(path, tiny_dat
     from conftest import run_cli
 
     size = ["data.image_size=32", "data.eval_image_size=0", "data.batch_size=8", "data.val_fraction=0.2", "model.pretrained=false"]
-    if load_config(path).data.progressive_from:
-        size.append("data.progressive_from=16")  # still progressive, below the shrunk image size
+    if load_config(path).data.progressive_from:  # still progressive, from 32 px (ResNet-18 at 16 px: 1x1 maps from layer3)
+        size += ["data.image_size=64", "data.progressive_from=32"]
     run = tmp_path / "run"
     run_cli("train", "-c", str(path), f"data.root={tiny_data}", *size, "train.max_steps=2", "train.epochs=1", f"train.output_dir={run}",
             "log.wandb=disabled", "log.progress=false")
