@@ -179,9 +179,10 @@ def part_flowerdist(spec: dict, device: torch.device) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_epoch = len(json.loads((run_dir / "split.json").read_text())["train"]) // spec["batch"]  # steps of an epoch
     logged = [r for r in rows if "train/images_per_s" in r and r["step"] % spec["window"] == 0 and r["step"] > spec["window"]]  # first: warm-up
-    windows = clean_windows(logged, spec["window"], per_epoch)[: spec["windows"]]
+    clean = clean_windows(logged, spec["window"], per_epoch)
+    windows = clean[: spec["windows"]]
     return {"rates": [r["train/images_per_s"] for r in windows], "data_wait": statistics.mean(r["train/data_wait"] for r in windows),
-            "skipped_refill_windows": len(logged) - len(clean_windows(logged, spec["window"], per_epoch)), **peak_memory(device)}
+            "skipped_refill_windows": len(logged) - len(clean), **peak_memory(device)}
 
 
 def clean_windows(logged: list[dict], window: int, per_epoch: int) -> list[dict]:

@@ -7,7 +7,6 @@ depend on the number of ranks, DataLoader workers, or where a run was resumed.
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from flowerdist.data.folder import ImageFolderIndex
