@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 
 from flowerdist.errors import EXIT_PREEMPTED, FlowerdistError, Preempted
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flowerdist: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `flowerdist sweep ... --dry-run | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would raise again
+        return 141
     return code
 
 

@@ -101,3 +101,12 @@ def test_a_cell_identical_to_a_finished_run_elsewhere_is_reused(tiny_data, tmp_p
     assert "training cell 1 seed=3" in out and "training cell 0" not in out
     assert reused.is_symlink() and reused.resolve() == (tmp_path / "runs" / "a" / "seed=0").resolve()
     assert (trained / "result.json").is_file() and not trained.is_symlink()
+
+
+def test_a_dry_run_piped_into_head_ends_without_a_traceback(tiny_data, tmp_path):
+    deep = tmp_path.joinpath(*["d" * 200] * 3)  # 150 lines of 700 characters: more than a pipe holds
+    path = sweep_file(tmp_path, tiny_data, grid={"train.seed": list(range(150))}, output_dir=str(deep))
+    out = subprocess.run(f"{sys.executable} -m flowerdist sweep {path} --dry-run | head -n 1", shell=True, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("sweep: cell 0 "), out.stdout
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
