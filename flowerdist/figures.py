@@ -96,16 +96,21 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
     return fig
 
 
-def budget_figure(curves: dict[str, list[tuple[int, float, float]]]) -> Figure:
-    """Final validation accuracy against the training budget (optimizer steps), mean and 95% interval over seeds."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+def budget_figure(curves: dict[str, list[tuple[int, float, float, float, float]]]) -> Figure:
+    """Final validation accuracy and final training loss against the training budget (optimizer steps), mean and
+    95% interval over seeds: where accuracy stops rising and the loss stops falling is the budget that has flattened."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for i, (name, points) in enumerate(curves.items()):
-        steps, means, halves = zip(*points)
-        ax.errorbar(steps, means, yerr=halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
-    ax.set(xscale="log", xlabel="training budget (optimizer steps, log scale)", ylabel="final validation accuracy",
-           title="accuracy against budget (mean, 95% CI over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        steps, means, halves, losses, loss_halves = zip(*points)
+        acc_ax.errorbar(steps, means, yerr=halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
+        loss_ax.errorbar(steps, losses, yerr=loss_halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
+    acc_ax.set(xscale="log", xlabel="training budget (optimizer steps, log scale)", ylabel="final validation accuracy",
+               title="accuracy against budget (mean, 95% CI over seeds)")
+    loss_ax.set(xscale="log", xlabel="training budget (optimizer steps, log scale)", ylabel="last epoch's training loss",
+                title="training loss against budget")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    acc_ax.legend()
     return fig
 
 

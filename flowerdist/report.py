@@ -14,6 +14,7 @@ differ only in the budget (train.epochs) make a plot of accuracy against the tra
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,12 @@ class Run:
         return self.final.get(self.best_key, self.final["val/accuracy"]) if self.final else None
 
     @property
+    def final_train_loss(self) -> float | None:
+        """The last epoch's mean training loss (what flattens, or not, as the budget grows)."""
+        losses = [e["train/epoch_loss"] for e in self.events if "train/epoch_loss" in e]
+        return losses[-1] if losses else None
+
+    @property
     def steps(self) -> int:
         return max((e["step"] for e in self.events), default=0)
 
@@ -150,8 +157,9 @@ def paired_difference(group: list[Run], baseline: list[Run]) -> str:
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
 
 
-def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float]]]:
-    """Network -> (steps, mean final accuracy, 95% half-width) per budget, for networks run at two budgets or more."""
+def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float, float, float]]]:
+    """Network -> (steps, final accuracy: mean, 95% half-width, final training loss: mean, 95% half-width) per budget,
+    for networks run at two budgets or more."""
     families: dict[tuple, dict[int, list[Run]]] = {}
     for run in runs:
         if run.final_accuracy is not None:
@@ -162,7 +170,9 @@ def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float
             first = next(iter(budgets.values()))[0].config
             name = f"{first.model.name}" + (f" ({'plain' if first.model.shortcut == 'none' else 'shortcut ' + first.model.shortcut})"
                                             if first.model.name.startswith("resnet") else "")
-            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group])) for steps, group in sorted(budgets.items())]
+            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group]),
+                          *(mean_ci(losses) if len(losses := [r.final_train_loss for r in group if r.final_train_loss is not None]) else (math.nan, 0.0)))
+                         for steps, group in sorted(budgets.items())]
     return out
 
 
@@ -268,7 +278,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     if curves:
         figures.save(figures.budget_figure(curves), out / "budget.png")
         lines += ["## Accuracy against the training budget", "", "![final validation accuracy against steps, mean and 95% CI over seeds](budget.png)", ""]
-        lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f}" for steps, m, h in points}}
+        lines += ["Final validation accuracy ± the 95% half-width over seeds, and the final epoch's training loss, at each budget:", ""]
+        lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f} (loss {loss:.3f})" for steps, m, h, loss, _ in points}}
                                   for name, points in curves.items()]), ""]
     names = {r.name for r in runs}  # two runs called `run` in different folders are labelled with their parent too
     label = {id(r): (r.name if len(names) == len(runs) else f"{r.path.parent.name}/{r.name}") for r in runs}

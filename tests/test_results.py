@@ -190,7 +190,7 @@ def fake_run(tmp_path, name, finals, seed, epochs=6, shortcut="B", model="resnet
     from flowerdist.report import Run
 
     cfg = load_config(None, [f"model.name={model}", f"model.shortcut={shortcut}", f"train.seed={seed}", f"train.epochs={epochs}"])
-    events = [{"step": 10 * (i + 1), "val/accuracy": acc} for i, acc in enumerate(finals)]
+    events = [{"step": 10 * (i + 1), "val/accuracy": acc, "train/epoch_loss": 1 - acc} for i, acc in enumerate(finals)]
     return Run(tmp_path / name, cfg, events)
 
 
@@ -213,9 +213,10 @@ def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
     runs.append(fake_run(tmp_path, "plain", [0.3, 0.4], 0, epochs=2, shortcut="none"))  # one budget: no curve
     curves = budget_curves(runs)
     assert list(curves) == ["resnet18 (shortcut B)"]
-    (s1, m1, h1), (s2, m2, h2) = curves["resnet18 (shortcut B)"]
+    (s1, m1, h1, l1, lh1), (s2, m2, h2, l2, lh2) = curves["resnet18 (shortcut B)"]
     assert (s1, s2) == (20, 40) and (m1, m2) == (pytest.approx(0.52), pytest.approx(0.61))
     assert h1 == pytest.approx(12.706 * statistics.stdev([0.50, 0.54]) / 2**0.5)
+    assert (l1, l2) == (pytest.approx(0.48), pytest.approx(0.39)) and lh1 == pytest.approx(h1)  # the last epoch's loss
 
 
 @pytest.mark.slow
@@ -225,7 +226,7 @@ def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories
     out = tmp_path / "rep"
     run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "e2-")
     text = (out / "report.md").read_text()
-    assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text
+    assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and "(loss " in text
     rows = table(out / "report.md")
     column = next(k for k in rows[0] if k.startswith("final acc - "))
     assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=2)" in sorted(r[column] for r in rows)[0]
