@@ -114,7 +114,7 @@ def _export(args) -> None:
 def _sweep(args) -> None:
     from flowerdist.sweep import run_sweep
 
-    run_sweep(args.file, args.variant, args.overrides, dry_run=args.dry_run, slurm=args.slurm, cell=args.cell)
+    run_sweep(args.file, args.variant, args.overrides, dry_run=args.dry_run, slurm=args.slurm, cell=args.cell, reuse_from=args.reuse_from)
 
 
 def _bench(args) -> None:
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="a variant of the sweep file, e.g. cpu (its overrides are added to every cell)")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their state, train nothing")
     p.add_argument("--slurm", action="store_true", help="submit one Slurm job array (a task per unfinished cell) instead of training here")
+    p.add_argument("--reuse-from", action="append", default=[], metavar="DIR",
+                   help="also reuse finished runs under DIR (repeatable; ./runs and the sweep's own folder are always searched)")
     p.add_argument("--cell", type=int, help=argparse.SUPPRESS)  # slurm/launch.sh: print cell N's train arguments
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every cell, e.g. data.root=PHOTOS")
     p.set_defaults(func=_sweep)

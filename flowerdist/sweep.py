@@ -134,14 +134,17 @@ def load_sweep(path: str | Path, variant: str | None = None, extra: Sequence[str
 
 
 def run_sweep(path: str, variant: str | None = None, extra: Sequence[str] = (), *, dry_run: bool = False, slurm: bool = False,
-              cell: int | None = None) -> list[Cell]:
+              cell: int | None = None, reuse_from: Sequence[str] = ()) -> list[Cell]:
     cells = load_sweep(path, variant, extra)
+    missing = [d for d in reuse_from if not Path(d).is_dir()]
+    if missing:
+        raise FlowerdistError(f"--reuse-from {missing[0]}: no such folder; give a folder that holds finished run directories")
     if cell is not None:
         if not 0 <= cell < len(cells):
             raise FlowerdistError(f"--cell {cell} is out of range: {path} has cells 0-{len(cells) - 1}")
         print(" ".join(cells[cell].args()))  # what slurm/launch.sh trains for array task `cell`
         return cells
-    elsewhere = finished_runs([Path("runs"), cells[0].run_dir.parent])
+    elsewhere = finished_runs([Path("runs"), cells[0].run_dir.parent, *map(Path, reuse_from)])
     twins = {i: elsewhere.get(result_key(load_config(c.config, list(c.overrides)).to_dict())) for i, c in enumerate(cells)
              if not c.done and not c.run_dir.exists()}
     for i, c in enumerate(cells):

@@ -101,6 +101,15 @@ def test_a_cell_identical_to_a_finished_run_elsewhere_is_reused(tiny_data, tmp_p
     assert "training cell 1 seed=3" in out and "training cell 0" not in out
     assert reused.is_symlink() and reused.resolve() == (tmp_path / "runs" / "a" / "seed=0").resolve()
     assert (trained / "result.json").is_file() and not trained.is_symlink()
+    # from a folder whose runs/ does not hold them, finished runs are found where --reuse-from says
+    (tmp_path / "c").mkdir()
+    third = sweep_file(tmp_path / "c", tiny_data, grid={"train.seed": [0]}, output_dir=str(tmp_path / "c" / "out"), config=config)
+    plain, told = (subprocess.run([sys.executable, "-m", "flowerdist", "sweep", str(third), "--dry-run", *flag], cwd=tmp_path / "c",
+                                  capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+                   for flag in ([], ["--reuse-from", str(tmp_path / "runs" / "a")]))
+    assert "seed=0: to run" in plain.stdout and "reused" in told.stdout and str(tmp_path / "runs" / "a" / "seed=0") in told.stdout
+    wrong = run_cli("sweep", str(third), "--dry-run", "--reuse-from", str(tmp_path / "nowhere"), check=False)
+    assert wrong.returncode == 2 and "--reuse-from" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_a_dry_run_piped_into_head_ends_without_a_traceback(tiny_data, tmp_path):
