@@ -51,6 +51,12 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), (t975(n - 1) * statistics.stdev(values) / n**0.5 if n > 1 else 0.0)
 
 
+def mean_ci_of_known(values: Sequence[float | None]) -> tuple[float, float]:
+    """mean_ci of the values that are known; (nan, 0) when none is (a log without them)."""
+    known = [v for v in values if v is not None]
+    return mean_ci(known) if known else (math.nan, 0.0)
+
+
 @dataclass
 class Run:
     path: Path
@@ -170,8 +176,7 @@ def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float
             first = next(iter(budgets.values()))[0].config
             name = f"{first.model.name}" + (f" ({'plain' if first.model.shortcut == 'none' else 'shortcut ' + first.model.shortcut})"
                                             if first.model.name.startswith("resnet") else "")
-            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group]),
-                          *(mean_ci(losses) if len(losses := [r.final_train_loss for r in group if r.final_train_loss is not None]) else (math.nan, 0.0)))
+            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group]), *mean_ci_of_known([r.final_train_loss for r in group]))
                          for steps, group in sorted(budgets.items())]
     return out
 

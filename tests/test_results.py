@@ -217,6 +217,10 @@ def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
     assert (s1, s2) == (20, 40) and (m1, m2) == (pytest.approx(0.52), pytest.approx(0.61))
     assert h1 == pytest.approx(12.706 * statistics.stdev([0.50, 0.54]) / 2**0.5)
     assert (l1, l2) == (pytest.approx(0.48), pytest.approx(0.39)) and lh1 == pytest.approx(h1)  # the last epoch's loss
+    from flowerdist.figures import budget_figure
+
+    acc_ax, loss_ax = budget_figure(curves).axes  # accuracy and training loss, side by side
+    assert list(loss_ax.lines[0].get_ydata()) == [pytest.approx(0.48), pytest.approx(0.39)]
 
 
 @pytest.mark.slow
