@@ -96,16 +96,20 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
     return fig
 
 
-def budget_figure(curves: dict[str, list[tuple[int, float, float, float, float]]]) -> Figure:
+def budget_figure(curves: dict[str, list[tuple[int, float, float, float, float, int]]]) -> Figure:
     """Final validation accuracy and final training loss against the training budget (optimizer steps), mean and
-    95% interval over seeds: where accuracy stops rising and the loss stops falling is the budget that has flattened."""
+    95% interval over seeds: where accuracy stops rising and the loss stops falling is the budget that has flattened.
+    The title says how many seeds each point has (one seed: no interval to draw)."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for i, (name, points) in enumerate(curves.items()):
-        steps, means, halves, losses, loss_halves = zip(*points)
+        steps, means, halves, losses, loss_halves, _ = zip(*points)
         acc_ax.errorbar(steps, means, yerr=halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
         loss_ax.errorbar(steps, losses, yerr=loss_halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
+    seeds = sorted({n for points in curves.values() for *_, n in points})
+    span = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    over = "one seed, no interval" if seeds == [1] else f"mean, 95% CI over {span} seeds"
     acc_ax.set(xscale="log", xlabel="training budget (optimizer steps, log scale)", ylabel="final validation accuracy",
-               title="accuracy against budget (mean, 95% CI over seeds)")
+               title=f"accuracy against budget ({over})")
     loss_ax.set(xscale="log", xlabel="training budget (optimizer steps, log scale)", ylabel="last epoch's training loss",
                 title="training loss against budget")
     for ax in (acc_ax, loss_ax):

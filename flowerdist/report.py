@@ -163,9 +163,9 @@ def paired_difference(group: list[Run], baseline: list[Run]) -> str:
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
 
 
-def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float, float, float]]]:
-    """Network -> (steps, final accuracy: mean, 95% half-width, final training loss: mean, 95% half-width) per budget,
-    for networks run at two budgets or more."""
+def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float, float, float, int]]]:
+    """Network -> (steps, final accuracy: mean, 95% half-width, final training loss: mean, 95% half-width, seeds) per
+    budget, for networks run at two budgets or more."""
     families: dict[tuple, dict[int, list[Run]]] = {}
     for run in runs:
         if run.final_accuracy is not None:
@@ -176,8 +176,8 @@ def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float
             first = next(iter(budgets.values()))[0].config
             name = f"{first.model.name}" + (f" ({'plain' if first.model.shortcut == 'none' else 'shortcut ' + first.model.shortcut})"
                                             if first.model.name.startswith("resnet") else "")
-            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group]), *mean_ci_of_known([r.final_train_loss for r in group]))
-                         for steps, group in sorted(budgets.items())]
+            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group]), *mean_ci_of_known([r.final_train_loss for r in group]),
+                                   len(group)) for steps, group in sorted(budgets.items())]
     return out
 
 
@@ -282,9 +282,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     curves = budget_curves(runs)
     if curves:
         figures.save(figures.budget_figure(curves), out / "budget.png")
-        lines += ["## Accuracy against the training budget", "", "![final validation accuracy against steps, mean and 95% CI over seeds](budget.png)", ""]
+        lines += ["## Accuracy against the training budget", "", "![final validation accuracy and training loss against steps](budget.png)", ""]
         lines += ["Final validation accuracy ± the 95% half-width over seeds, and the final epoch's training loss, at each budget:", ""]
-        lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f} (loss {loss:.3f})" for steps, m, h, loss, _ in points}}
+        lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f} (loss {loss:.3f}, n={n})" for steps, m, h, loss, _, n in points}}
                                   for name, points in curves.items()]), ""]
     names = {r.name for r in runs}  # two runs called `run` in different folders are labelled with their parent too
     label = {id(r): (r.name if len(names) == len(runs) else f"{r.path.parent.name}/{r.name}") for r in runs}

@@ -213,14 +213,17 @@ def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
     runs.append(fake_run(tmp_path, "plain", [0.3, 0.4], 0, epochs=2, shortcut="none"))  # one budget: no curve
     curves = budget_curves(runs)
     assert list(curves) == ["resnet18 (shortcut B)"]
-    (s1, m1, h1, l1, lh1), (s2, m2, h2, l2, lh2) = curves["resnet18 (shortcut B)"]
-    assert (s1, s2) == (20, 40) and (m1, m2) == (pytest.approx(0.52), pytest.approx(0.61))
+    (s1, m1, h1, l1, lh1, n1), (s2, m2, h2, l2, lh2, n2) = curves["resnet18 (shortcut B)"]
+    assert (s1, s2) == (20, 40) and (n1, n2) == (2, 2) and (m1, m2) == (pytest.approx(0.52), pytest.approx(0.61))
     assert h1 == pytest.approx(12.706 * statistics.stdev([0.50, 0.54]) / 2**0.5)
     assert (l1, l2) == (pytest.approx(0.48), pytest.approx(0.39)) and lh1 == pytest.approx(h1)  # the last epoch's loss
     from flowerdist.figures import budget_figure
 
     acc_ax, loss_ax = budget_figure(curves).axes  # accuracy and training loss, side by side
     assert list(loss_ax.lines[0].get_ydata()) == [pytest.approx(0.48), pytest.approx(0.39)]
+    assert acc_ax.get_title() == "accuracy against budget (mean, 95% CI over 2 seeds)"
+    one_seed = {name: [(*p[:5], 1) for p in points] for name, points in curves.items()}
+    assert budget_figure(one_seed).axes[0].get_title() == "accuracy against budget (one seed, no interval)"
 
 
 @pytest.mark.slow
@@ -230,7 +233,7 @@ def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories
     out = tmp_path / "rep"
     run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "e2-")
     text = (out / "report.md").read_text()
-    assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and "(loss " in text
+    assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and ", n=2)" in text
     rows = table(out / "report.md")
     column = next(k for k in rows[0] if k.startswith("final acc - "))
     assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=2)" in sorted(r[column] for r in rows)[0]
