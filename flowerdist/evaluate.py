@@ -32,6 +32,13 @@ def for_evaluation(model: torch.nn.Module, flip: bool) -> torch.nn.Module:
     return FlipAverage(model) if flip else model
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format of `model.channels_last`. Evaluation (`eval`, `predict`) uses the run's, as training does:
+    the CPU's bf16 kernels for the two formats round differently (on AVX-512 without AMX), so only the run's own
+    format reproduces its validation."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def autocast_for(device: torch.device, precision: str):
     """The context evaluation runs in: autocast at `precision` (bf16, fp16) or none (no)."""
     if precision == "no":
@@ -62,9 +69,9 @@ def evaluate(
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format(channels_last)
     for images, labels, *rest in loader:
-        images = to_model_input(images, device, memory_format)
+        images = to_model_input(images, device, layout)
         labels = labels.to(device, non_blocking=True)
         with autocast():
             logits = model(images)

@@ -19,7 +19,7 @@ from flowerdist.data.costs import choose_data_path
 from flowerdist.data.loader import make_loader
 from flowerdist.data.transforms import eval_transform, to_model_input
 from flowerdist.errors import FlowerdistError
-from flowerdist.evaluate import autocast_for, evaluate, for_evaluation
+from flowerdist.evaluate import autocast_for, evaluate, for_evaluation, memory_format
 from flowerdist.models import create_model
 
 
@@ -44,7 +44,7 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, tuple[s
             f"checkpoint {ckpt} does not fit model '{cfg.model.name}' (shortcut {cfg.model.shortcut}, {len(classes)} classes): "
             f"{first[1].strip() if len(first) > 1 else first[0]}"
         ) from None
-    return model.eval(), cfg, classes, ckpt
+    return model.to(memory_format=memory_format(cfg.model.channels_last)).eval(), cfg, classes, ckpt
 
 
 def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -64,7 +64,8 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     workers = choose_data_path(cfg.data.num_workers, False, cpu, 1).workers
     short = None if other_root else (cfg.data.cache_size or None)  # the run's own photos as its validation saw them
     loader = make_loader(FlowerDataset(index, eval_transform(cfg.eval_image_size), short_side=short), indices, cfg.data.batch_size, workers, cpu)
-    result = evaluate(for_evaluation(model, cfg.eval.flip), loader, len(classes), cpu, autocast=autocast_for(cpu, cfg.eval_precision))
+    result = evaluate(for_evaluation(model, cfg.eval.flip), loader, len(classes), cpu, channels_last=cfg.model.channels_last,
+                      autocast=autocast_for(cpu, cfg.eval_precision))
     return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), "flip": cfg.eval.flip, "precision": cfg.eval_precision, **result}
 
 
@@ -78,7 +79,7 @@ def predict_indices(checkpoint: str | Path, index, indices: list[int], batch_siz
     images, true, pred, prob = [], [], [], []
     for batch, labels, _ in make_loader(dataset, indices, batch_size, 0, torch.device("cpu")):
         with autocast():
-            probs = model(to_model_input(batch, torch.device("cpu"))).float().softmax(1)
+            probs = model(to_model_input(batch, torch.device("cpu"), memory_format(cfg.model.channels_last))).float().softmax(1)
         p, k = probs.max(1)
         images += [img.permute(1, 2, 0).numpy() for img in batch]
         true += labels.tolist()
@@ -139,7 +140,7 @@ def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_s
         chunk = usable[start : start + batch_size]
         batch = torch.stack([transform(pil_to_tensor(load_rgb(f))) for _, f in chunk])
         with autocast():
-            probs = model(to_model_input(batch, torch.device("cpu"))).float().softmax(1)
+            probs = model(to_model_input(batch, torch.device("cpu"), memory_format(cfg.model.channels_last))).float().softmax(1)
         top = probs.topk(topk, dim=1)
         for (result, _), p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
             result["predictions"] = [{"class": classes[k], "probability": v} for v, k in zip(p, i)]

@@ -48,7 +48,7 @@ from flowerdist.distributed import (
 )
 from flowerdist.errors import FlowerdistError, Preempted
 from flowerdist.files import atomic_write_text
-from flowerdist.evaluate import autocast_for, evaluate, for_evaluation
+from flowerdist.evaluate import autocast_for, evaluate, for_evaluation, memory_format
 from flowerdist.models import create_model
 from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from flowerdist.preemption import StopSignal
@@ -142,7 +142,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
     ema = build_ema(bare_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
     mix = build_mix(cfg.augment, len(data.classes), cfg.train.seed, accelerator)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    input_format = memory_format(cfg.model.channels_last)
 
     state, steplog = TrainState(), StepLog(cfg.train.log_every, device, plan.global_batch)
     logger = RunLogger(accelerator, run_dir, wandb_mode)
@@ -173,7 +173,7 @@ def _train(cfg: Config, accelerator: Accelerator, wandb_mode: str | None, closin
         steplog.new_epoch()
         for images, labels, indices in steplog.timed(data.train_loader):
             samples.write(epoch, state.global_step + 1, indices)
-            images, labels = to_model_input(images, device, memory_format), labels.to(device, non_blocking=True)
+            images, labels = to_model_input(images, device, input_format), labels.to(device, non_blocking=True)
             images, targets = mix(images, labels, state.global_step)
             loss = train_step(accelerator, model, optimizer, scheduler, criterion, images, targets, cfg.optim.clip_grad_norm)
             steplog.add(loss)
@@ -516,7 +516,7 @@ def build_model(cfg: Config, accelerator: Accelerator, num_classes: int, plan: P
     )
     if cfg.train.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
-    model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+    model = model.to(memory_format=memory_format(cfg.model.channels_last))
     optimizer = build_optimizer(model, cfg.optim, plan.peak_lr, fused=use_fused_optimizer(accelerator.device, accelerator.mixed_precision))
     scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
