@@ -56,7 +56,9 @@ def _predict(args) -> int:
     if args.plot:
         from flowerdist.inference import plot_predictions
 
-        print(f"predictions plotted in {plot_predictions(results, args.plot)}", file=sys.stderr)
+        out, drawn, predicted = plot_predictions(results, args.plot)
+        which = "" if drawn == predicted else f" (the first {drawn} of {predicted} images; the printed results have all)"
+        print(f"predictions plotted in {out}{which}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=1))
     for r in results:
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint path")
     p.add_argument("--topk", type=int, default=1, help="how many classes to show per image")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="also save a picture: each image with its top class and a bar of the top-k")
+    p.add_argument("--plot", metavar="OUT.png", help="also save a picture: each image (the first 24) with its top class and a bar of the top-k")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.set_defaults(func=_predict)
 

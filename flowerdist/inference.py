@@ -147,13 +147,19 @@ def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_s
     return results
 
 
-def plot_predictions(results: list[dict[str, Any]], out: str | Path) -> Path:
-    """The tutorial's picture of `run_predict`'s results (skipped images are left out)."""
+#: images in a `predict --plot` picture at most: a folder of hundreds would make a picture nobody reads, drawn for minutes
+PLOT_LIMIT = 24
+
+
+def plot_predictions(results: list[dict[str, Any]], out: str | Path) -> tuple[Path, int, int]:
+    """The tutorial's picture of `run_predict`'s results (skipped images are left out; the first PLOT_LIMIT are
+    drawn): (the file, images drawn, images predicted)."""
     import numpy as np
 
     from flowerdist import figures
 
-    shown = [r for r in results if "predictions" in r]
+    predicted = [r for r in results if "predictions" in r]
+    shown = predicted[:PLOT_LIMIT]
     if not shown:
         raise FlowerdistError("no image could be predicted, so there is nothing to plot")
     out = Path(out)
@@ -165,4 +171,4 @@ def plot_predictions(results: list[dict[str, Any]], out: str | Path) -> Path:
         figures.save(figures.prediction_figure(images, [r["image"] for r in shown], [r["predictions"] for r in shown]), out)
     except OSError as err:
         raise FlowerdistError(f"--plot {out} cannot be written ({err.strerror}); choose a writable path") from None
-    return out
+    return out, len(shown), len(predicted)

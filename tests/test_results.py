@@ -125,6 +125,9 @@ def test_predict_plot_writes_the_picture(trained_run, tiny_data, tmp_path):
     assert 1000 < width < 1700 and 500 < height < 850  # a grid of 3 columns x 2 rows (4.4 x 3.2 in each at 110 dpi)
     run_cli("predict", "--checkpoint", str(trained_run), "--plot", str(tmp_path / "one.png"), images[0])
     assert Image.open(tmp_path / "one.png").size[0] < width
+    proc = run_cli("predict", "--checkpoint", str(trained_run), "--json", "--plot", str(tmp_path / "all.png"), str(tiny_data / "roses"))
+    assert len(json.loads(proc.stdout)) == 40 and "the first 24 of 40 images" in proc.stderr  # all predicted, 24 drawn
+    assert 2450 < Image.open(tmp_path / "all.png").size[1] < 3400  # 8 rows of 3.2 in, not 14
     proc = run_cli("predict", "--checkpoint", str(trained_run), "--plot", str(tmp_path / "p.jpg"), images[0], check=False)
     assert proc.returncode == 2 and "must name a .png file" in proc.stderr
 
