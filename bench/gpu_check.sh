@@ -37,7 +37,7 @@ read -ra MODELS <<<"${MODELS:-resnet50 resnet18}"
 precisions=$(echo "${PRECISIONS:-bf16 fp16}" | tr ' ' ',')
 CONFIG=${CONFIG:-configs/flowers/resnet50_gpu.yaml}
 mkdir -p "$OUT_DIR"
-log() { echo "gpu_check: $*" | tee -a "$OUT_DIR/steps.log"; }
+log() { echo "gpu_check [${SECONDS} s]: $*" | tee -a "$OUT_DIR/steps.log"; }  # seconds since the start: where the time went
 "$PY" -c 'import sys, torch; print(f"gpu_check: torch {torch.__version__}, CUDA available {torch.cuda.is_available()}, "
           f"GPUs {torch.cuda.device_count()}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else sys.platform}")'
 

@@ -104,7 +104,7 @@ def _download(args) -> None:
 def _report(args) -> None:
     from flowerdist.report import write_report
 
-    write_report(args.runs, args.out, baseline=args.baseline, per_run=args.per_run)
+    write_report(args.runs, args.out, baseline=args.baseline, per_run=args.per_run, records=args.save_records)
 
 
 def _export(args) -> None:
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="the row the others are compared with (paired CI): text in its runs' directory names (default: the first row)")
     p.add_argument("--per-run", dest="per_run", action=argparse.BooleanOptionalAction, default=None,
                    help="each run's confusion matrix and mistakes grid (default: with at most 6 runs)")
+    p.add_argument("--save-records", metavar="DIR", help="also copy each run's record (config, metrics, result: no weights) "
+                   "to DIR/<run folder>, to keep or commit; report reads a record like a run directory")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("export", help="the run's best weights as ONNX or TorchScript, with its preprocessing and a parity check")

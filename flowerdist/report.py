@@ -2,7 +2,9 @@
 directories alone.
 
 It reads what a run writes (config.yaml, metrics.jsonl, run.json, result.json, split.json and the best
-checkpoint); no W&B and no network. Runs that differ only in `train.seed` form one row of mean ± std.
+checkpoint); no W&B and no network. `--save-records DIR` copies each run's record (the files the table and the
+curves need, without weights: a few hundred KB) to DIR, to keep or commit: a run directory stays on its machine,
+its record travels, and `report` reads a record like a run. Runs that differ only in `train.seed` form one row of mean ± std.
 A run still in progress, or cut short, is reported with what it has, and marked so.
 
 With several seeds per row, each row also gets the difference of its final validation accuracy to a baseline
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +35,9 @@ NOT_THE_EXPERIMENT = ("train.seed", "train.output_dir", "train.resume", "train.o
                       "data.prefetch_factor", "data.cache", "train.record_samples", "train.checkpoint_every", "train.keep_last")
 #: ...and rows differing only in these are one network at several budgets (budget.png).
 BUDGET = ("train.epochs", "train.max_steps")
+
+#: A run's record: what the table, the curves and the budget plot read (not the weights, not the split's file list).
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "run.json", "result.json", "class_indices.json")
 
 #: Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
@@ -107,7 +113,13 @@ class Run:
 
     @property
     def classes(self) -> list[str]:
-        return json.loads((self.path / "split.json").read_text())["classes"] if (self.path / "split.json").is_file() else []
+        """The class names, from split.json, or class_indices.json in a record (which keeps no split)."""
+        if (self.path / "split.json").is_file():
+            return json.loads((self.path / "split.json").read_text())["classes"]
+        if (self.path / "class_indices.json").is_file():
+            indices = json.loads((self.path / "class_indices.json").read_text())
+            return [indices[k] for k in sorted(indices, key=int)]
+        return []
 
     @property
     def global_batch(self) -> int:
@@ -259,13 +271,33 @@ def default_out(paths: Sequence[Path]) -> Path:
     return paths[0] / "report" if len(paths) == 1 else Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def save_records(runs: Sequence[Run], dest: str | Path, log=print) -> None:
+    """Copy each run's RECORD_FILES to DEST/<run folder name> (a record already there is updated)."""
+    names = [r.path.name for r in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FlowerdistError(f"--save-records: several runs are named {', '.join(twice)}; save their records in separate calls, to separate folders")
+    dest = Path(dest)
+    for run in runs:
+        target = dest / run.path.name
+        if target.resolve() == run.path.resolve():
+            continue  # reporting the records themselves
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            if (run.path / name).is_file():
+                shutil.copy2(run.path / name, target / name)
+    log(f"report: the records of {len(runs)} run(s) in {dest} (no weights; `flowerdist report {dest}/*` reads them)")
+
+
 def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log=print, baseline: str | None = None,
-                 per_run: bool | None = None) -> Path:
+                 per_run: bool | None = None, records: str | Path | None = None) -> Path:
     """report.md and its PNG figures in `out`; returns the report's path. `per_run`: each run's confusion matrix and
-    mistakes grid (default: when there are at most 6 runs)."""
+    mistakes grid (default: when there are at most 6 runs). `records`: also save the runs' records there."""
     from flowerdist import figures
 
     runs = [load_run(p) for p in paths]
+    if records:
+        save_records(runs, records, log)
     out = Path(out) if out else default_out([r.path for r in runs])
     out.mkdir(parents=True, exist_ok=True)
     groups = group_by_seed(runs)
@@ -293,7 +325,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     figures.save(figures.throughput_figure({label[id(r)]: r.events for r in with_data}), out / "throughput.png")
     lines += ["## Curves", "", "![loss and accuracy](curves.png)", "", "## Throughput", "", "![images/s and data wait](throughput.png)", ""]
     finals = [r for r in runs if r.final]
-    if finals:
+    if finals and finals[0].classes:
         classes = finals[0].classes
         bars = [[r.final.get(f"val/accuracy/{c}", 0.0) for c in classes] for r in finals]
         figures.save(figures.per_class_figure([label[id(r)] for r in finals], classes, bars), out / "per_class.png")
@@ -337,7 +369,7 @@ def mistakes_grid(run: Run, count: int = 24):
     from flowerdist.inference import predict_indices
 
     if not (run.path / "checkpoints").is_dir():
-        raise FlowerdistError("the run has no checkpoint yet")
+        raise FlowerdistError("the run has no checkpoint (a record, or a run before its first save)")
     ckpt = resolve_checkpoint(run.path)
     root = Path(run.config.data.root)
     if not root.is_dir():

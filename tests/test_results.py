@@ -96,6 +96,25 @@ def test_report_marks_a_run_cut_short_and_refuses_a_folder_that_is_not_a_run(thr
     assert proc.returncode == 2 and "is not a flowerdist run directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_runs_record_reports_as_the_run_does(three_runs, tmp_path):
+    """--save-records keeps what the table and curves read, without weights or the split's file list: reported from
+    the records, the rows are the runs' rows (per-class accuracy from class_indices.json). Two runs of one folder
+    name would overwrite each other's record: refused."""
+    from flowerdist.report import RECORD_FILES
+
+    records = tmp_path / "records"
+    run_cli("report", *map(str, three_runs), "--out", str(tmp_path / "runs"), "--save-records", str(records))
+    for run in three_runs:
+        assert sorted(p.name for p in (records / run.name).iterdir()) == sorted(RECORD_FILES)
+    out = run_cli("report", *(str(records / r.name) for r in three_runs), "--out", str(tmp_path / "recs")).stdout
+    assert table(tmp_path / "recs" / "report.md") == table(tmp_path / "runs" / "report.md")
+    assert (tmp_path / "recs" / "per_class.png").is_file() and "the run has no checkpoint (a record" in out
+    twin = tmp_path / "elsewhere" / three_runs[0].name
+    shutil.copytree(three_runs[0], twin)
+    proc = run_cli("report", str(three_runs[0]), str(twin), "--save-records", str(records), check=False)
+    assert proc.returncode == 2 and f"several runs are named {twin.name}" in proc.stderr
+
+
 def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(three_runs[0], moved)
