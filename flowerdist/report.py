@@ -286,6 +286,8 @@ def save_records(runs: Sequence[Run], dest: str | Path, log=print) -> None:
         for name in RECORD_FILES:
             if (run.path / name).is_file():
                 shutil.copy2(run.path / name, target / name)
+            else:  # the run is in progress (no result.json yet): its record must not keep an older run's result
+                (target / name).unlink(missing_ok=True)
     log(f"report: the records of {len(runs)} run(s) in {dest} (no weights; `flowerdist report {dest}/*` reads them)")
 
 

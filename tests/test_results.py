@@ -113,6 +113,9 @@ def test_a_runs_record_reports_as_the_run_does(three_runs, tmp_path):
     shutil.copytree(three_runs[0], twin)
     proc = run_cli("report", str(three_runs[0]), str(twin), "--save-records", str(records), check=False)
     assert proc.returncode == 2 and f"several runs are named {twin.name}" in proc.stderr
+    (twin / "result.json").unlink()  # the same cell rerun, still in progress: its record is no longer finished
+    run_cli("report", str(twin), "--out", str(tmp_path / "twin"), "--save-records", str(records))
+    assert not (records / twin.name / "result.json").exists()
 
 
 def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
