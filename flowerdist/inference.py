@@ -127,7 +127,7 @@ def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_s
     model, autocast = for_evaluation(model, cfg.eval.flip), autocast_for(torch.device("cpu"), cfg.eval_precision)
     if not 1 <= topk <= len(classes):
         raise FlowerdistError(f"--topk must lie between 1 and {len(classes)} (the number of classes), got {topk}")
-    transform, layout = eval_transform(cfg.eval_image_size), memory_format(cfg.model.channels_last)
+    transform, cpu, layout = eval_transform(cfg.eval_image_size), torch.device("cpu"), memory_format(cfg.model.channels_last)
     files = collect_images(paths)
     results: list[dict[str, Any]] = [{"image": str(f)} for f in files]
     usable = []
@@ -141,7 +141,7 @@ def run_predict(checkpoint: str | Path, paths: list[str], topk: int = 1, batch_s
         chunk = usable[start : start + batch_size]
         batch = torch.stack([transform(pil_to_tensor(load_rgb(f))) for _, f in chunk])
         with autocast():
-            probs = model(to_model_input(batch, torch.device("cpu"), layout)).float().softmax(1)
+            probs = model(to_model_input(batch, cpu, layout)).float().softmax(1)
         top = probs.topk(topk, dim=1)
         for (result, _), p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
             result["predictions"] = [{"class": classes[k], "probability": v} for v, k in zip(p, i)]

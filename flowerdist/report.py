@@ -22,6 +22,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ class Run:
         """The held-out test set's results (data.test_root), when the run had one."""
         return next((e for e in self.events if "test/best/accuracy" in e), {})
 
-    @property
+    @cached_property
     def classes(self) -> list[str]:
         """The class names, from split.json, or class_indices.json in a record (which keeps no split)."""
         if (self.path / "split.json").is_file():
@@ -282,12 +283,15 @@ def save_records(runs: Sequence[Run], dest: str | Path, log=print) -> None:
         target = dest / run.path.name
         if target.resolve() == run.path.resolve():
             continue  # reporting the records themselves
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RECORD_FILES:
-            if (run.path / name).is_file():
-                shutil.copy2(run.path / name, target / name)
-            else:  # the run is in progress (no result.json yet): its record must not keep an older run's result
-                (target / name).unlink(missing_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RECORD_FILES:
+                if (run.path / name).is_file():
+                    shutil.copy2(run.path / name, target / name)
+                else:  # the run is in progress (no result.json yet): its record must not keep an older run's result
+                    (target / name).unlink(missing_ok=True)
+        except OSError as err:
+            raise FlowerdistError(f"--save-records {dest}: cannot write {target} ({err.strerror}); give a folder you can write to") from None
     log(f"report: the records of {len(runs)} run(s) in {dest} (no weights; `flowerdist report {dest}/*` reads them)")
 
 
@@ -327,7 +331,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     figures.save(figures.throughput_figure({label[id(r)]: r.events for r in with_data}), out / "throughput.png")
     lines += ["## Curves", "", "![loss and accuracy](curves.png)", "", "## Throughput", "", "![images/s and data wait](throughput.png)", ""]
     finals = [r for r in runs if r.final]
-    if finals and finals[0].classes:
+    if finals:
         classes = finals[0].classes
         bars = [[r.final.get(f"val/accuracy/{c}", 0.0) for c in classes] for r in finals]
         figures.save(figures.per_class_figure([label[id(r)] for r in finals], classes, bars), out / "per_class.png")

@@ -116,6 +116,9 @@ def test_a_runs_record_reports_as_the_run_does(three_runs, tmp_path):
     (twin / "result.json").unlink()  # the same cell rerun, still in progress: its record is no longer finished
     run_cli("report", str(twin), "--out", str(tmp_path / "twin"), "--save-records", str(records))
     assert not (records / twin.name / "result.json").exists()
+    (tmp_path / "a_file").write_text("not a folder")  # a mistyped DIR: one line naming it
+    proc = run_cli("report", str(twin), "--out", str(tmp_path / "twin"), "--save-records", str(tmp_path / "a_file"), check=False)
+    assert proc.returncode == 2 and f"--save-records {tmp_path / 'a_file'}: cannot write" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
