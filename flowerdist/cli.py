@@ -46,6 +46,8 @@ def _eval(args) -> None:
     print(f"{header:>{width}}  " + " ".join(f"{c[:6]:>6}" for c in result["classes"]) + "  accuracy")
     for name, row, acc in zip(result["classes"], result["confusion"], result["per_class_accuracy"]):
         print(f"{name:>{width}}  " + " ".join(f"{n:>6}" for n in row) + f"  {acc:.4f}")
+    if result["recorded"]:
+        print(f"recorded in {result['recorded']} (`flowerdist report` shows it)")
 
 
 def _predict(args) -> int:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from flowerdist.checkpoint import read_meta, read_weights, resolve_checkpoint
+from flowerdist.checkpoint import WEIGHTS, read_meta, read_weights, resolve_checkpoint
 from flowerdist.config import Config, apply_overrides, config_from_dict
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.dataset import FlowerDataset
@@ -21,6 +23,7 @@ from flowerdist.data.transforms import eval_transform, to_model_input
 from flowerdist.errors import FlowerdistError
 from flowerdist.evaluate import autocast_for, evaluate, for_evaluation, memory_format
 from flowerdist.models import create_model
+from flowerdist.report import EVALS
 
 
 def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, tuple[str, ...], Path]:
@@ -66,7 +69,31 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     loader = make_loader(FlowerDataset(index, eval_transform(cfg.eval_image_size), short_side=short), indices, cfg.data.batch_size, workers, cpu)
     result = evaluate(for_evaluation(model, cfg.eval.flip), loader, len(classes), cpu, channels_last=cfg.model.channels_last,
                       autocast=autocast_for(cpu, cfg.eval_precision))
-    return {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), "flip": cfg.eval.flip, "precision": cfg.eval_precision, **result}
+    result = {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), "flip": cfg.eval.flip, "precision": cfg.eval_precision, **result}
+    return {**result, "recorded": record_eval(checkpoint, ckpt, list(overrides), result)}
+
+
+def record_eval(requested: str | Path, ckpt: Path, overrides: list[str], result: dict[str, Any]) -> str | None:
+    """Append the result to RUN/evals.jsonl when the checkpoint is its run's own, so an evaluation at another size or
+    on another folder stays with the run (and its record) and `report` can tabulate it; None when not recorded.
+    The entry names the checkpoint as it was asked for (best, last) and its step, so a later resume shows it stale."""
+    if ckpt.parent.name != "checkpoints":
+        return None
+    requested = Path(requested)
+    if requested.name == WEIGHTS:
+        requested = requested.parent
+    if (requested / "checkpoints").is_dir():  # a run directory: the link resolve_checkpoint took
+        requested = next(requested / "checkpoints" / n for n in ("best", "last") if (requested / "checkpoints" / n).resolve() == ckpt)
+    entry = {"time": datetime.now().isoformat(timespec="seconds"), "checkpoint": requested.name, "step": read_meta(ckpt).get("step"),
+             "overrides": overrides, **{k: result[k] for k in ("scope", "count", "accuracy", "loss", "flip", "precision")}}
+    target = ckpt.parent.parent / EVALS
+    try:
+        with target.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError as err:
+        print(f"flowerdist: the result was not recorded in {target} ({err.strerror}); the printed result is complete", file=sys.stderr)
+        return None
+    return str(target)
 
 
 @torch.no_grad()

@@ -37,8 +37,10 @@ NOT_THE_EXPERIMENT = ("train.seed", "train.output_dir", "train.resume", "train.o
 #: ...and rows differing only in these are one network at several budgets (budget.png).
 BUDGET = ("train.epochs", "train.max_steps")
 
+#: `flowerdist eval` results on a run's own checkpoints (one JSON object a line, written by inference.record_eval).
+EVALS = "evals.jsonl"
 #: A run's record: what the table, the curves and the budget plot read (not the weights, not the split's file list).
-RECORD_FILES = ("config.yaml", "metrics.jsonl", "run.json", "result.json", "class_indices.json")
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "run.json", "result.json", "class_indices.json", EVALS)
 
 #: Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
@@ -113,6 +115,22 @@ class Run:
         return next((e for e in self.events if "test/best/accuracy" in e), {})
 
     @cached_property
+    def evals(self) -> dict[str, float]:
+        """`flowerdist eval` accuracies on this run's checkpoints, by what was evaluated ("last data.eval_image_size=64"):
+        the latest of each, leaving out one that a later epoch made stale (`best` or `last` has moved on since)."""
+        path, out = self.path / EVALS, {}
+        current = {"best": (self.best or {}).get("step", 0), "last": (self.final or {}).get("step", 0)}
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                e = json.loads(line)
+                label = " ".join([e["checkpoint"], *e["overrides"]])
+                if (e["step"] or 0) >= current.get(e["checkpoint"], 0):
+                    out[label] = e["accuracy"]
+            except (ValueError, KeyError, TypeError):  # a line being written, or not an evaluation: not one to show
+                pass
+        return out
+
+    @cached_property
     def classes(self) -> list[str]:
         """The class names, from split.json, or class_indices.json in a record (which keeps no split)."""
         if (self.path / "split.json").is_file():
@@ -166,10 +184,10 @@ def experiment_key(run: Run, ignore: tuple[str, ...] = ()) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in run.config.flat().items() if not k.startswith(NOT_THE_EXPERIMENT + ignore)))
 
 
-def paired_difference(group: list[Run], baseline: list[Run]) -> str:
-    """`mean [low, high] (n)` of the final accuracy minus the baseline's, paired by train.seed."""
-    base = {r.config.train.seed: r.final_accuracy for r in baseline if r.final_accuracy is not None}
-    diffs = [r.final_accuracy - base[r.config.train.seed] for r in group if r.final_accuracy is not None and r.config.train.seed in base]
+def paired_difference(group: list[Run], baseline: list[Run], value=lambda r: r.final_accuracy) -> str:
+    """`mean [low, high] (n)` of `value` (the final accuracy) minus the baseline's, paired by train.seed."""
+    base = {r.config.train.seed: v for r in baseline if (v := value(r)) is not None}
+    diffs = [v - base[r.config.train.seed] for r in group if (v := value(r)) is not None and r.config.train.seed in base]
     if len(diffs) < 2:
         return ""
     mean, half = mean_ci(diffs)
@@ -253,6 +271,7 @@ def row(group: list[Run]) -> dict[str, str]:
         "final val acc": _mean_std(final),
         **({"test acc, best / last checkpoint": f"{_mean_std([r.test['test/best/accuracy'] for r in group])} / "
                                                  f"{_mean_std([r.test['test/last/accuracy'] for r in group])}"} if all(r.test for r in group) else {}),
+        **{f"eval {label}": _mean_std([r.evals[label] for r in group]) for label in first.evals if all(label in r.evals for r in group)},
         "per-class acc (final)": per_class,
         "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.3g}"),
         "images/s": _mean_std(rates, "{:.1f}"),
@@ -314,8 +333,10 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         raise FlowerdistError(f"--baseline {baseline}: no row's runs all have it in their path; give part of the baseline runs' directory names")
     if any(len(g) > 1 for g in groups):
         for g, r in zip(groups, rows):
-            r[f"final acc - {base[0].name.split(',seed=')[0] if len(base) > 1 else base[0].name} (95% CI, paired by seed)"] = (
-                "baseline" if g is base else paired_difference(g, base))
+            name = base[0].name.split(',seed=')[0] if len(base) > 1 else base[0].name
+            r[f"final acc - {name} (95% CI, paired by seed)"] = "baseline" if g is base else paired_difference(g, base)
+            for label in [k.removeprefix("eval ") for k in r if k.startswith("eval ") and k.removeprefix("eval ") in base[0].evals]:
+                r[f"eval {label} - {name} (95% CI)"] = "baseline" if g is base else paired_difference(g, base, lambda x: x.evals.get(label))
     lines += [markdown_table(rows), ""]
     curves = budget_curves(runs)
     if curves:

@@ -105,7 +105,8 @@ def test_a_runs_record_reports_as_the_run_does(three_runs, tmp_path):
     records = tmp_path / "records"
     run_cli("report", *map(str, three_runs), "--out", str(tmp_path / "runs"), "--save-records", str(records))
     for run in three_runs:
-        assert sorted(p.name for p in (records / run.name).iterdir()) == sorted(RECORD_FILES)
+        assert sorted(p.name for p in (records / run.name).iterdir()) == sorted(p.name for p in run.iterdir() if p.name in RECORD_FILES)
+        assert {"config.yaml", "metrics.jsonl", "result.json"} <= {p.name for p in (records / run.name).iterdir()}
     out = run_cli("report", *(str(records / r.name) for r in three_runs), "--out", str(tmp_path / "recs")).stdout
     assert table(tmp_path / "recs" / "report.md") == table(tmp_path / "runs" / "report.md")
     assert (tmp_path / "recs" / "per_class.png").is_file() and "the run has no checkpoint (a record" in out
@@ -119,6 +120,57 @@ def test_a_runs_record_reports_as_the_run_does(three_runs, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")  # a mistyped DIR: one line naming it
     proc = run_cli("report", str(twin), "--out", str(tmp_path / "twin"), "--save-records", str(tmp_path / "a_file"), check=False)
     assert proc.returncode == 2 and f"--save-records {tmp_path / 'a_file'}: cannot write" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_results_stay_with_the_run_and_report_tabulates_them(three_runs, tmp_path):
+    """`flowerdist eval` of a run's checkpoint at another size appends to RUN/evals.jsonl; report shows the latest
+    result per checkpoint and overrides (mean ± std over seeds, and its paired 95% interval to the baseline), leaves
+    out one a later epoch made stale, and a record keeps it. A file that cannot be written costs a note, not the result."""
+    from flowerdist.report import load_run
+
+    seeds = three_runs[:2]
+    accs = []
+    for run in seeds:
+        out = json.loads(run_cli("eval", "--checkpoint", str(run / "checkpoints" / "last"), "eval.flip=true", "--json").stdout)
+        assert out["recorded"] == str(run / "evals.jsonl")
+        entry = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
+        assert entry["checkpoint"] == "last" and entry["overrides"] == ["eval.flip=true"] and entry["accuracy"] == out["accuracy"]
+        assert entry["step"] == epochs(run)[-1]["step"] and out["count"] == 40
+        accs.append(out["accuracy"])
+    text = run_cli("eval", "--checkpoint", str(seeds[0])).stdout  # the run directory: its best checkpoint
+    assert f"recorded in {seeds[0] / 'evals.jsonl'}" in text
+    assert json.loads((seeds[0] / "evals.jsonl").read_text().splitlines()[-1])["checkpoint"] == "best"
+    # a second row with the same seeds: records of the two runs with another label smoothing and known eval results
+    other = []
+    for run, delta in zip(seeds, (0.1, 0.3)):
+        copy = tmp_path / "other" / run.name
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+        config = yaml.safe_load((copy / "config.yaml").read_text())
+        config["train"]["label_smoothing"] = 0.05
+        (copy / "config.yaml").write_text(yaml.safe_dump(config))
+        entry = {"checkpoint": "last", "step": epochs(run)[-1]["step"], "overrides": ["eval.flip=true"]}
+        stale = {**entry, "step": 1, "accuracy": 0.0}  # an evaluation of an earlier `last`: not shown
+        (copy / "evals.jsonl").write_text(json.dumps({**entry, "accuracy": accs[len(other)] + delta}) + "\n" + json.dumps(stale) + "\n")
+        other.append(copy)
+    run_cli("report", *map(str, seeds), *map(str, other), "--out", str(tmp_path / "r"))
+    rows = table(tmp_path / "r" / "report.md")
+    label = "eval last eval.flip=true"
+    assert rows[0][label] == (f"{accs[0]:.3f}" if accs[0] == accs[1] else f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f}")
+    assert rows[1][label] == f"{statistics.mean(accs) + 0.2:.3f} ± {statistics.stdev([accs[0] + 0.1, accs[1] + 0.3]):.3f}"
+    assert rows[1][f"{label} - seed0 (95% CI)"] == "+0.200 [-1.071, +1.471] (n=2)"  # diffs 0.1, 0.3: t(1) 12.706 x 0.1
+    assert "eval best" not in rows[0]  # seed1's best was not evaluated: no mean over one seed of two
+    assert load_run(seeds[0]).evals["best"] == max(e["val/accuracy"] for e in epochs(seeds[0]))
+    assert "eval best" not in load_run(other[0]).evals
+    (other[0] / "evals.jsonl").write_text(json.dumps(stale) + "\n")
+    assert load_run(other[0]).evals == {}  # only the stale one: nothing to show
+    run_cli("report", *map(str, seeds), "--out", str(tmp_path / "s"), "--save-records", str(tmp_path / "records"))
+    assert (tmp_path / "records" / seeds[0].name / "evals.jsonl").read_text() == (seeds[0] / "evals.jsonl").read_text()
+    broken = tmp_path / "broken"
+    shutil.copytree(seeds[1], broken, ignore=shutil.ignore_patterns("evals.jsonl", "wandb"))
+    (broken / "evals.jsonl").mkdir()  # cannot be appended to
+    proc = run_cli("eval", "--checkpoint", str(broken / "checkpoints" / "last"), "--json")
+    assert json.loads(proc.stdout)["recorded"] is None and json.loads(proc.stdout)["count"] == 40
+    assert f"the result was not recorded in {broken / 'evals.jsonl'}" in proc.stderr
 
 
 def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
