@@ -173,6 +173,24 @@ def test_eval_results_stay_with_the_run_and_report_tabulates_them(three_runs, tm
     assert f"the result was not recorded in {broken / 'evals.jsonl'}" in proc.stderr
 
 
+def test_report_gives_the_test_accuracy_and_its_paired_interval(three_runs, tmp_path):
+    """Runs with data.test_root: the row's test accuracy (best / last checkpoint) and the last checkpoint's paired 95%
+    interval to the baseline row (from copies of two seeds' records with known test results)."""
+    for group, ls, last in (("a", 0.1, (0.60, 0.70)), ("b", 0.05, (0.70, 0.90))):
+        for run, acc in zip(three_runs[:2], last):
+            copy = tmp_path / group / run.name
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "wandb", "evals.jsonl"))
+            config = yaml.safe_load((copy / "config.yaml").read_text())
+            config["train"]["label_smoothing"] = ls
+            (copy / "config.yaml").write_text(yaml.safe_dump(config))
+            with (copy / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": epochs(run)[-1]["step"], "test/best/accuracy": 0.5, "test/last/accuracy": acc}) + "\n")
+    run_cli("report", *map(str, sorted(tmp_path.glob("[ab]/*"))), "--out", str(tmp_path / "r"))
+    rows = table(tmp_path / "r" / "report.md")
+    assert [r["test acc, best / last checkpoint"] for r in rows] == ["0.500 / 0.650 ± 0.071", "0.500 / 0.800 ± 0.141"]
+    assert [r["test acc (last) - seed0 (95% CI)"] for r in rows] == ["baseline", "+0.150 [-0.485, +0.785] (n=2)"]  # diffs 0.1, 0.2: 12.706 x 0.05
+
+
 def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(three_runs[0], moved)
@@ -308,13 +326,14 @@ def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
 
 @pytest.mark.slow
 def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories(tiny_data, tmp_path):
-    runs = [short_run(tiny_data, tmp_path / f"e{e}-s{s}", f"train.seed={s}", f"train.epochs={e}", "train.max_steps=0")
-            for e in (1, 2) for s in (0, 1)]
+    runs = [short_run(tiny_data, tmp_path / f"seed={s},epochs={e}", f"train.seed={s}", f"train.epochs={e}", "train.max_steps=0")
+            for e in (1, 2) for s in (0, 1)]  # named as sweep cells are
     out = tmp_path / "rep"
-    run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "e2-")
+    run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "epochs=2")
     text = (out / "report.md").read_text()
     assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and ", n=2)" in text
     rows = table(out / "report.md")
     column = next(k for k in rows[0] if k.startswith("final acc - "))
+    assert column == "final acc - epochs=2 (95% CI, paired by seed)"  # the baseline cell's name less its seed
     assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=2)" in sorted(r[column] for r in rows)[0]
     assert not list(out.glob("mistakes-*.png")) == (len(runs) <= 6)  # per-run figures only for a few runs (4 here: yes)
