@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from flowerdist.checkpoint import WEIGHTS, read_meta, read_weights, resolve_checkpoint
+from flowerdist.checkpoint import read_meta, read_weights, resolve_checkpoint
 from flowerdist.config import Config, apply_overrides, config_from_dict
 from flowerdist.data.check import check_folder, usable_index
 from flowerdist.data.dataset import FlowerDataset
@@ -70,21 +70,18 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     result = evaluate(for_evaluation(model, cfg.eval.flip), loader, len(classes), cpu, channels_last=cfg.model.channels_last,
                       autocast=autocast_for(cpu, cfg.eval_precision))
     result = {"checkpoint": str(ckpt), "scope": scope, "classes": list(classes), "flip": cfg.eval.flip, "precision": cfg.eval_precision, **result}
-    return {**result, "recorded": record_eval(checkpoint, ckpt, list(overrides), result)}
+    return {**result, "recorded": record_eval(ckpt, list(overrides), result)}
 
 
-def record_eval(requested: str | Path, ckpt: Path, overrides: list[str], result: dict[str, Any]) -> str | None:
+def record_eval(ckpt: Path, overrides: list[str], result: dict[str, Any]) -> str | None:
     """Append the result to RUN/evals.jsonl when the checkpoint is its run's own, so an evaluation at another size or
     on another folder stays with the run (and its record) and `report` can tabulate it; None when not recorded.
-    The entry names the checkpoint as it was asked for (best, last) and its step, so a later resume shows it stale."""
+    The entry names the checkpoint by the link that points at it (best, last) and its step, so a later resume shows
+    it stale."""
     if ckpt.parent.name != "checkpoints":
         return None
-    requested = Path(requested)
-    if requested.name == WEIGHTS:
-        requested = requested.parent
-    if (requested / "checkpoints").is_dir():  # a run directory: the link resolve_checkpoint took
-        requested = next(requested / "checkpoints" / n for n in ("best", "last") if (requested / "checkpoints" / n).resolve() == ckpt)
-    entry = {"time": datetime.now().isoformat(timespec="seconds"), "checkpoint": requested.name, "step": read_meta(ckpt).get("step"),
+    name = next((link for link in ("best", "last") if (ckpt.parent / link).resolve() == ckpt), ckpt.name)
+    entry = {"time": datetime.now().isoformat(timespec="seconds"), "checkpoint": name, "step": read_meta(ckpt).get("step"),
              "overrides": overrides, **{k: result[k] for k in ("scope", "count", "accuracy", "loss", "flip", "precision")}}
     target = ckpt.parent.parent / EVALS
     try:

@@ -332,13 +332,13 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     if baseline and not any(all(baseline in str(r.path) for r in g) for g in groups):
         raise FlowerdistError(f"--baseline {baseline}: no row's runs all have it in their path; give part of the baseline runs' directory names")
     if any(len(g) > 1 for g in groups):
+        name = ",".join(p for p in base[0].name.split(",") if not p.startswith("seed=")) if len(base) > 1 else base[0].name  # a sweep cell's name less its seed
         for g, r in zip(groups, rows):
-            name = ",".join(p for p in base[0].name.split(",") if not p.startswith("seed=")) if len(base) > 1 else base[0].name  # a sweep cell's name less its seed
             r[f"final acc - {name} (95% CI, paired by seed)"] = "baseline" if g is base else paired_difference(g, base)
             if "test acc, best / last checkpoint" in r and base[0].test:  # the held-out photos, weights not selected on them
                 r[f"test acc (last) - {name} (95% CI)"] = "baseline" if g is base else paired_difference(
                     g, base, lambda x: x.test.get("test/last/accuracy"))
-            for label in [k.removeprefix("eval ") for k in r if k.startswith("eval ") and k.removeprefix("eval ") in base[0].evals]:
+            for label in (e for e in base[0].evals if f"eval {e}" in r):
                 r[f"eval {label} - {name} (95% CI)"] = "baseline" if g is base else paired_difference(g, base, lambda x: x.evals.get(label))
     lines += [markdown_table(rows), ""]
     curves = budget_curves(runs)
