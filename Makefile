@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flowerdist-installed
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
+# pytest-xdist workers (0: one process): each runs torch on one thread; the Slurm tests stay on one worker
+TEST_WORKERS ?= 2
+XDIST   := -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup train test test-fast bench clean
 
@@ -19,10 +22,10 @@ train: $(STAMP)
 	$(PY) -m flowerdist train -c $(CONFIG) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs wandb .pytest_cache

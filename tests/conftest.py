@@ -23,6 +23,11 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+# `make test` runs the suite in two pytest-xdist workers, one per core of the 2-core CI machine: a torch of one
+# thread in each (and in every process they start) rather than two threads each, which would contend for the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def run_cli(*args: str, check: bool = True, threads: int | None = None) -> subprocess.CompletedProcess:
     """Run `flowerdist ARGS` in this process (`cli.main`, from the repo root) with its output captured.

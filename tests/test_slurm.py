@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 _OK, _WHY = can_run_slurm()
 if not _OK and os.environ.get("FLOWERDIST_REQUIRE_SLURM"):  # .ci/run installed Slurm: a missing piece is a failure
     pytest.fail(f"FLOWERDIST_REQUIRE_SLURM is set but {_WHY}", pytrace=False)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _OK, reason=_WHY)]
+# one cluster, on one pytest-xdist worker (`make test` runs two; --dist loadgroup keeps the group together)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _OK, reason=_WHY), pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")
