@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from slurm_cluster import alive
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Tests never touch the network or a user's W&B account, and never read a user's accelerate config.
@@ -309,11 +311,7 @@ def start(nprocs, train_args, threads=None):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between the open and the read
-        return False
+running = alive  # a process that exits between opening and reading its /proc entry counts as gone
 
 
 def sweep_file(tmp_path, data, **extra):
