@@ -243,6 +243,15 @@ def _mean_std(values: Sequence[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
+def eval_cell(group: list[Run], label: str) -> str:
+    """Mean ± std of an `eval` result over the seeds that ran it, naming those seeds when not all did."""
+    have = [r for r in group if label in r.evals]
+    cell = _mean_std([r.evals[label] for r in have])
+    if len(have) < len(group):
+        cell += f" (seed{'s' if len(have) > 1 else ''} {', '.join(str(r.config.train.seed) for r in have)} of {len(group)})"
+    return cell
+
+
 def row(group: list[Run]) -> dict[str, str]:
     """One table row: the group's shared settings and mean ± std of its measurements."""
     first = group[0]
@@ -267,11 +276,12 @@ def row(group: list[Run]) -> dict[str, str]:
         "world size": str(first.info.get("world_size", "")),
         "device": first.info.get("device", ""),
         "weights": "EMA" if prefix == "val_ema" else "model",  # what the accuracies below are of (train.best_of)
+        "final training loss": _mean_std([r.final_train_loss for r in group]),
         "best val acc": _mean_std(best),
         "final val acc": _mean_std(final),
         **({"test acc, best / last checkpoint": f"{_mean_std([r.test['test/best/accuracy'] for r in group])} / "
                                                  f"{_mean_std([r.test['test/last/accuracy'] for r in group])}"} if all(r.test for r in group) else {}),
-        **{f"eval {label}": _mean_std([r.evals[label] for r in group]) for label in first.evals if all(label in r.evals for r in group)},
+        **{f"eval {label}": eval_cell(group, label) for label in dict.fromkeys(e for r in group for e in r.evals)},
         "per-class acc (final)": per_class,
         "training minutes": _mean_std([max(r.minutes().values()) for r in group], "{:.3g}"),
         "images/s": _mean_std(rates, "{:.1f}"),
@@ -338,7 +348,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
             if "test acc, best / last checkpoint" in r and base[0].test:  # the held-out photos, weights not selected on them
                 r[f"test acc (last) - {name} (95% CI)"] = "baseline" if g is base else paired_difference(
                     g, base, lambda x: x.test.get("test/last/accuracy"))
-            for label in (e for e in base[0].evals if f"eval {e}" in r):
+            for label in (e for e in dict.fromkeys(e for b in base for e in b.evals) if f"eval {e}" in r):
                 r[f"eval {label} - {name} (95% CI)"] = "baseline" if g is base else paired_difference(g, base, lambda x: x.evals.get(label))
     lines += [markdown_table(rows), ""]
     curves = budget_curves(runs)

@@ -77,6 +77,8 @@ def test_report_of_three_runs_groups_seeds(three_runs, tmp_path):
     seeds = next(r for r in rows if "n=2, seeds 0, 1" in r["run"])
     best = [max(e["val/accuracy"] for e in epochs(r)) for r in three_runs[:2]]
     assert seeds["best val acc"] == f"{statistics.mean(best):.3f} ± {statistics.stdev(best):.3f}"
+    loss = [epochs(r)[-1]["train/epoch_loss"] for r in three_runs[:2]]  # the last epoch's: what flattens, or not
+    assert seeds["final training loss"] == f"{statistics.mean(loss):.3f} ± {statistics.stdev(loss):.3f}"
     other = next(r for r in rows if r is not seeds)
     assert other["model"] == "resnet18" and other["shortcut"] == "A" and "±" not in other["best val acc"]
     ema = [e["val_ema/accuracy"] for e in epochs(three_runs[2])]  # best_of=ema: the row shows the EMA's accuracies
@@ -124,8 +126,8 @@ def test_a_runs_record_reports_as_the_run_does(three_runs, tmp_path):
 
 def test_eval_results_stay_with_the_run_and_report_tabulates_them(three_runs, tmp_path):
     """`flowerdist eval` of a run's checkpoint at another size appends to RUN/evals.jsonl; report shows the latest
-    result per checkpoint and overrides (mean ± std over seeds, and its paired 95% interval to the baseline), leaves
-    out one a later epoch made stale, and a record keeps it. A file that cannot be written costs a note, not the result."""
+    result per checkpoint and overrides (mean ± std over seeds, naming them when not every seed ran it, and its
+    paired 95% interval to the baseline), leaves out one a later epoch made stale, and a record keeps it. A file that cannot be written costs a note, not the result."""
     from flowerdist.report import load_run
 
     seeds = three_runs[:2]
@@ -158,8 +160,10 @@ def test_eval_results_stay_with_the_run_and_report_tabulates_them(three_runs, tm
     assert rows[0][label] == (f"{accs[0]:.3f}" if accs[0] == accs[1] else f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f}")
     assert rows[1][label] == f"{statistics.mean(accs) + 0.2:.3f} ± {statistics.stdev([accs[0] + 0.1, accs[1] + 0.3]):.3f}"
     assert rows[1][f"{label} - seed0 (95% CI)"] == "+0.200 [-1.071, +1.471] (n=2)"  # diffs 0.1, 0.3: t(1) 12.706 x 0.1
-    assert "eval best" not in rows[0]  # seed1's best was not evaluated: no mean over one seed of two
-    assert load_run(seeds[0]).evals["best"] == max(e["val/accuracy"] for e in epochs(seeds[0]))
+    best = max(e["val/accuracy"] for e in epochs(seeds[0]))
+    assert load_run(seeds[0]).evals["best"] == best
+    assert rows[0]["eval best"] == f"{best:.3f} (seed 0 of 2)"  # seed1's best was not evaluated: the cell says whose it is
+    assert rows[1]["eval best"] == ""
     assert "eval best" not in load_run(other[0]).evals
     (other[0] / "evals.jsonl").write_text(json.dumps(stale) + "\n")
     assert load_run(other[0]).evals == {}  # only the stale one: nothing to show
