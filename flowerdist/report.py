@@ -185,7 +185,8 @@ def experiment_key(run: Run, ignore: tuple[str, ...] = ()) -> tuple:
 
 
 def paired_difference(group: list[Run], baseline: list[Run], value=lambda r: r.final_accuracy) -> str:
-    """`mean [low, high] (n)` of `value` (the final accuracy) minus the baseline's, paired by train.seed."""
+    """`mean [low, high] (n)` of `value` (the final accuracy, or another number of a run) minus the baseline's, paired
+    by train.seed."""
     base = {r.config.train.seed: v for r in baseline if (v := value(r)) is not None}
     diffs = [v - base[r.config.train.seed] for r in group if (v := value(r)) is not None and r.config.train.seed in base]
     if len(diffs) < 2:
@@ -345,6 +346,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         name = ",".join(p for p in base[0].name.split(",") if not p.startswith("seed=")) if len(base) > 1 else base[0].name  # a sweep cell's name less its seed
         for g, r in zip(groups, rows):
             r[f"final acc - {name} (95% CI, paired by seed)"] = "baseline" if g is base else paired_difference(g, base)
+            r[f"final training loss - {name} (95% CI)"] = "baseline" if g is base else paired_difference(g, base, lambda x: x.final_train_loss)
             if "test acc, best / last checkpoint" in r and base[0].test:  # the held-out photos, weights not selected on them
                 r[f"test acc (last) - {name} (95% CI)"] = "baseline" if g is base else paired_difference(
                     g, base, lambda x: x.test.get("test/last/accuracy"))

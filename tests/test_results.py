@@ -179,7 +179,8 @@ def test_eval_results_stay_with_the_run_and_report_tabulates_them(three_runs, tm
 
 def test_report_gives_the_test_accuracy_and_its_paired_interval(three_runs, tmp_path):
     """Runs with data.test_root: the row's test accuracy (best / last checkpoint) and the last checkpoint's paired 95%
-    interval to the baseline row (from copies of two seeds' records with known test results)."""
+    interval to the baseline row (from copies of two seeds' records with known test results); the final training
+    loss gets its paired interval too (what tells whether a deeper plain network trains worse)."""
     for group, ls, last in (("a", 0.1, (0.60, 0.70)), ("b", 0.05, (0.70, 0.90))):
         for run, acc in zip(three_runs[:2], last):
             copy = tmp_path / group / run.name
@@ -187,12 +188,17 @@ def test_report_gives_the_test_accuracy_and_its_paired_interval(three_runs, tmp_
             config = yaml.safe_load((copy / "config.yaml").read_text())
             config["train"]["label_smoothing"] = ls
             (copy / "config.yaml").write_text(yaml.safe_dump(config))
-            with (copy / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": epochs(run)[-1]["step"], "test/best/accuracy": 0.5, "test/last/accuracy": acc}) + "\n")
+            lines = (copy / "metrics.jsonl").read_text().splitlines()
+            last = max(i for i, line in enumerate(lines) if "train/epoch_loss" in line)
+            lines[last] = json.dumps({**json.loads(lines[last]), "train/epoch_loss": acc + 1})  # a known final training loss
+            lines.append(json.dumps({"step": epochs(run)[-1]["step"], "test/best/accuracy": 0.5, "test/last/accuracy": acc}))
+            (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     run_cli("report", *map(str, sorted(tmp_path.glob("[ab]/*"))), "--out", str(tmp_path / "r"))
     rows = table(tmp_path / "r" / "report.md")
     assert [r["test acc, best / last checkpoint"] for r in rows] == ["0.500 / 0.650 ± 0.071", "0.500 / 0.800 ± 0.141"]
     assert [r["test acc (last) - seed0 (95% CI)"] for r in rows] == ["baseline", "+0.150 [-0.485, +0.785] (n=2)"]  # diffs 0.1, 0.2: 12.706 x 0.05
+    assert [r["final training loss"] for r in rows] == ["1.650 ± 0.071", "1.800 ± 0.141"]
+    assert [r["final training loss - seed0 (95% CI)"] for r in rows] == ["baseline", "+0.150 [-0.485, +0.785] (n=2)"]
 
 
 def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
