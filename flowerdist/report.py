@@ -253,6 +253,24 @@ def eval_cell(group: list[Run], label: str) -> str:
     return cell
 
 
+def machine(run: Run) -> str:
+    """Where a run trained, as run.json gives it: the device, its name, and a CPU's vector ISA (bf16 kernels round
+    differently from one CPU to another, so two machines' numbers are not the same experiment)."""
+    info = run.info
+    name = ", ".join(x for x in (info.get("device_name"), info.get("cpu_capability") if info.get("device") == "cpu" else None) if x)
+    return f"{info.get('device', '')}: {name}" if name else info.get("device", "")
+
+
+def machines_cell(group: list[Run]) -> str:
+    """The group's machine; where its seeds trained on several, each with its seeds."""
+    seeds: dict[str, list[str]] = {}
+    for r in group:
+        seeds.setdefault(machine(r), []).append(str(r.config.train.seed))
+    if len(seeds) == 1:
+        return next(iter(seeds))
+    return "; ".join(f"{m} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for m, s in seeds.items())
+
+
 def row(group: list[Run]) -> dict[str, str]:
     """One table row: the group's shared settings and mean ± std of its measurements."""
     first = group[0]
@@ -275,7 +293,7 @@ def row(group: list[Run]) -> dict[str, str]:
         "epochs": _mean_std([sum("train/epoch_loss" in e for e in r.events) for r in group], "{:.0f}") + f" of {cfg.train.epochs}",
         "global batch": str(first.global_batch),
         "world size": str(first.info.get("world_size", "")),
-        "device": first.info.get("device", ""),
+        "machine": machines_cell(group),
         "weights": "EMA" if prefix == "val_ema" else "model",  # what the accuracies below are of (train.best_of)
         "final training loss": _mean_std([r.final_train_loss for r in group]),
         "best val acc": _mean_std(best),

@@ -55,7 +55,9 @@ def test_report_of_one_run(three_runs):
     accs = [e["val/accuracy"] for e in epochs(run)]
     assert row["best val acc"] == f"{max(accs):.3f}" and row["final val acc"] == f"{accs[-1]:.3f}"
     assert row["model"] == "seed_resnet" and row["epochs"] == "2 of 2" and row["global batch"] == "16" and row["world size"] == "1"
-    assert row["device"] == "cpu" and row["status"] == "finished" and row["parameters"].endswith(" M")
+    info = json.loads((run / "run.json").read_text())
+    assert row["machine"] == f"cpu: {info['device_name']}, {info['cpu_capability']}" and "cores" in info["device_name"]
+    assert row["status"] == "finished" and row["parameters"].endswith(" M")
     last = epochs(run)[-1]
     assert f"tulips {last['val/accuracy/tulips']:.2f}" in row["per-class acc (final)"]
     # training time from the log windows (steps x global batch / images/s; evaluation excluded), to 3 significant digits
@@ -180,7 +182,8 @@ def test_eval_results_stay_with_the_run_and_report_tabulates_them(three_runs, tm
 def test_report_gives_the_test_accuracy_and_its_paired_interval(three_runs, tmp_path):
     """Runs with data.test_root: the row's test accuracy (best / last checkpoint) and the last checkpoint's paired 95%
     interval to the baseline row (from copies of two seeds' records with known test results); the final training
-    loss gets its paired interval too (what tells whether a deeper plain network trains worse)."""
+    loss gets its paired interval too (what tells whether a deeper plain network trains worse). A row whose seeds
+    trained on two machines names each with its seeds."""
     for group, ls, last in (("a", 0.1, (0.60, 0.70)), ("b", 0.05, (0.70, 0.90))):
         for run, acc in zip(three_runs[:2], last):
             copy = tmp_path / group / run.name
@@ -193,8 +196,12 @@ def test_report_gives_the_test_accuracy_and_its_paired_interval(three_runs, tmp_
             lines[last] = json.dumps({**json.loads(lines[last]), "train/epoch_loss": acc + 1})  # a known final training loss
             lines.append(json.dumps({"step": epochs(run)[-1]["step"], "test/best/accuracy": 0.5, "test/last/accuracy": acc}))
             (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    info = json.loads((three_runs[1] / "run.json").read_text())
+    here = f"cpu: {info['device_name']}, {info['cpu_capability']}"
+    (tmp_path / "b" / three_runs[1].name / "run.json").write_text(json.dumps({**info, "device_name": "Other CPU (2 cores)"}))  # seed 1 of b elsewhere
     run_cli("report", *map(str, sorted(tmp_path.glob("[ab]/*"))), "--out", str(tmp_path / "r"))
     rows = table(tmp_path / "r" / "report.md")
+    assert [r["machine"] for r in rows] == [here, f"{here} (seed 0); cpu: Other CPU (2 cores), {info['cpu_capability']} (seed 1)"]
     assert [r["test acc, best / last checkpoint"] for r in rows] == ["0.500 / 0.650 ± 0.071", "0.500 / 0.800 ± 0.141"]
     assert [r["test acc (last) - seed0 (95% CI)"] for r in rows] == ["baseline", "+0.150 [-0.485, +0.785] (n=2)"]  # diffs 0.1, 0.2: 12.706 x 0.05
     assert [r["final training loss"] for r in rows] == ["1.650 ± 0.071", "1.800 ± 0.141"]
