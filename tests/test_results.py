@@ -192,8 +192,8 @@ def test_report_gives_the_test_accuracy_and_its_paired_interval(three_runs, tmp_
             config["train"]["label_smoothing"] = ls
             (copy / "config.yaml").write_text(yaml.safe_dump(config))
             lines = (copy / "metrics.jsonl").read_text().splitlines()
-            last = max(i for i, line in enumerate(lines) if "train/epoch_loss" in line)
-            lines[last] = json.dumps({**json.loads(lines[last]), "train/epoch_loss": acc + 1})  # a known final training loss
+            final_epoch = max(i for i, line in enumerate(lines) if "train/epoch_loss" in line)
+            lines[final_epoch] = json.dumps({**json.loads(lines[final_epoch]), "train/epoch_loss": acc + 1})  # a known final training loss
             lines.append(json.dumps({"step": epochs(run)[-1]["step"], "test/best/accuracy": 0.5, "test/last/accuracy": acc}))
             (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     info = json.loads((three_runs[1] / "run.json").read_text())
