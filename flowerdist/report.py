@@ -184,20 +184,32 @@ def experiment_key(run: Run, ignore: tuple[str, ...] = ()) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in run.config.flat().items() if not k.startswith(NOT_THE_EXPERIMENT + ignore)))
 
 
+def by_seed(runs: list[Run], value) -> dict[int, float]:
+    """train.seed -> `value` of its run; a seed run more than once (on two machines) is one seed: its runs' mean."""
+    values: dict[int, list[float]] = {}
+    for r in runs:
+        if (v := value(r)) is not None:
+            values.setdefault(r.config.train.seed, []).append(v)
+    return {seed: statistics.mean(v) for seed, v in values.items()}
+
+
+def paired_diffs(group: list[Run], baseline: list[Run], value=lambda r: r.final_accuracy) -> list[float]:
+    """`value` (the final accuracy, or another number of a run) minus the baseline's, for each train.seed both ran."""
+    base, mine = by_seed(baseline, value), by_seed(group, value)
+    return [v - base[seed] for seed, v in mine.items() if seed in base]
+
+
 def paired_difference(group: list[Run], baseline: list[Run], value=lambda r: r.final_accuracy) -> str:
-    """`mean [low, high] (n)` of `value` (the final accuracy, or another number of a run) minus the baseline's, paired
-    by train.seed."""
-    base = {r.config.train.seed: v for r in baseline if (v := value(r)) is not None}
-    diffs = [v - base[r.config.train.seed] for r in group if (v := value(r)) is not None and r.config.train.seed in base]
+    """`mean [low, high] (n)` of paired_diffs: a paired t interval over the seeds both rows ran."""
+    diffs = paired_diffs(group, baseline, value)
     if len(diffs) < 2:
         return ""
     mean, half = mean_ci(diffs)
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
 
 
-def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float, float, float, int]]]:
-    """Network -> (steps, final accuracy: mean, 95% half-width, final training loss: mean, 95% half-width, seeds) per
-    budget, for networks run at two budgets or more."""
+def budget_families(runs: Sequence[Run]) -> dict[str, dict[int, list[Run]]]:
+    """Network -> steps -> its runs (seeds) at that budget, for networks run at two budgets or more."""
     families: dict[tuple, dict[int, list[Run]]] = {}
     for run in runs:
         if run.final_accuracy is not None:
@@ -208,9 +220,42 @@ def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float
             first = next(iter(budgets.values()))[0].config
             name = f"{first.model.name}" + (f" ({'plain' if first.model.shortcut == 'none' else 'shortcut ' + first.model.shortcut})"
                                             if first.model.name.startswith("resnet") else "")
-            out[name] = [(steps, *mean_ci([r.final_accuracy for r in group]), *mean_ci_of_known([r.final_train_loss for r in group]),
-                                   len(group)) for steps, group in sorted(budgets.items())]
+            out[name] = dict(sorted(budgets.items()))
     return out
+
+
+def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float, float, float, int]]]:
+    """Network -> (steps, final accuracy: mean, 95% half-width, final training loss: mean, 95% half-width, seeds) per
+    budget, for networks run at two budgets or more."""
+    return {name: [(steps, *mean_ci([r.final_accuracy for r in group]), *mean_ci_of_known([r.final_train_loss for r in group]), len(group))
+                   for steps, group in budgets.items()] for name, budgets in budget_families(runs).items()}
+
+
+def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
+    """A row per network: the change of its final training loss from each budget to the next, paired by seed, with a
+    95% t interval, and the first budget from which the loss is no longer shown to fall (the next budget's change has
+    an interval reaching 0 or above, and so has every later one). That is the budget a comparison of networks needs:
+    below it, one network may only be ahead because it trains faster. One seed at both budgets gives the change and
+    no verdict."""
+    rows = []
+    for name, budgets in budget_families(runs).items():
+        r, flat = {"network": name}, None
+        steps = list(budgets)
+        for before, after in zip(steps, steps[1:]):
+            diffs = paired_diffs(budgets[after], budgets[before], lambda x: x.final_train_loss)
+            if not diffs:
+                r[f"{before} -> {after} steps"] = "no seed at both"
+                continue
+            mean, half = mean_ci(diffs)
+            if len(diffs) == 1:
+                r[f"{before} -> {after} steps"] = f"{mean:+.3f} (one seed)"
+                continue
+            r[f"{before} -> {after} steps"] = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
+            falls = mean + half < 0
+            flat = None if falls else (before if flat is None else flat)
+        r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
+        rows.append(r)
+    return rows
 
 
 def group_by_seed(runs: Sequence[Run]) -> list[list[Run]]:
@@ -378,6 +423,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         lines += ["Final validation accuracy ± the 95% half-width over seeds, and the final epoch's training loss, at each budget:", ""]
         lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f} (loss {loss:.3f}, n={n})" for steps, m, h, loss, _, n in points}}
                                   for name, points in curves.items()]), ""]
+        lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
+                  "no longer falls (its interval reaches 0): where a comparison of the networks needs to be made:", ""]
+        lines += [markdown_table(loss_flattening(runs)), ""]
     names = {r.name for r in runs}  # two runs called `run` in different folders are labelled with their parent too
     label = {id(r): (r.name if len(names) == len(runs) else f"{r.path.parent.name}/{r.name}") for r in runs}
     with_data = [r for r in runs if r.events]

@@ -318,6 +318,8 @@ def test_paired_interval_of_the_difference_to_the_baseline(tmp_path):
     assert paired_difference(other, base) == "+0.020 [-0.005, +0.045] (n=3)"
     unpaired = [fake_run(tmp_path, "u", [0.9], 7, shortcut="A")]  # no seed in common with the baseline
     assert paired_difference(unpaired, base) == ""
+    # seed 0 run again (on another machine): still one seed, whose value is its runs' mean (0.71 and 0.69 -> 0.70)
+    assert paired_difference(other[:2] + [fake_run(tmp_path, "o0b", [0.5, 0.69], 0, shortcut="A")], base) == "+0.015 [-0.176, +0.206] (n=2)"
 
 
 def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
@@ -341,6 +343,26 @@ def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
     assert budget_figure(one_seed).axes[0].get_title() == "accuracy against budget (one seed, no interval)"
 
 
+def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tmp_path):
+    from flowerdist.report import loss_flattening
+
+    def network(model, losses_by_epochs):  # {epochs: the final training loss of seeds 0, 1, 2}
+        return [fake_run(tmp_path, f"{model}-{e}-{s}", [0.0] * (e - 1) + [1 - loss], s, epochs=e, model=model)
+                for e, losses in losses_by_epochs.items() for s, loss in enumerate(losses)]
+
+    runs = (network("resnet18", {2: (0.90, 0.92, 0.91), 4: (0.70, 0.73, 0.71), 8: (0.69, 0.74, 0.70)})  # falls, then flat
+            + network("resnet34", {2: (0.90, 0.92, 0.91), 4: (0.91, 0.91, 0.90), 8: (0.70, 0.71, 0.72)})  # flat, then falls again
+            + network("resnet50", {2: (0.9,), 4: (0.8,)}))  # one seed: a change, no verdict
+    rows = {r["network"]: r for r in loss_flattening(runs)}
+    r18, r34, r50 = rows["resnet18 (shortcut B)"], rows["resnet34 (shortcut B)"], rows["resnet50 (shortcut B)"]
+    # 20 -> 40 steps: changes -0.20, -0.19, -0.20: mean -0.19667, sd 0.00577, t(2) 4.303 -> half-width 0.01434;
+    # 40 -> 80: -0.01, +0.01, -0.01: mean -0.00333, sd 0.01155 -> half-width 0.02869, reaching 0: flat
+    assert r18["20 -> 40 steps"] == "-0.197 [-0.211, -0.182] (n=3)"
+    assert r18["40 -> 80 steps"] == "-0.003 [-0.032, +0.025] (n=3)" and r18["flat from"] == "40 steps"
+    assert r34["flat from"] == "not shown by 80 steps"  # a flat step followed by a fall is not flattened
+    assert r50 == {"network": "resnet50 (shortcut B)", "20 -> 40 steps": "-0.100 (one seed)", "flat from": "not shown by 40 steps"}
+
+
 @pytest.mark.slow
 def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories(tiny_data, tmp_path):
     runs = [short_run(tiny_data, tmp_path / f"seed={s},epochs={e}", f"train.seed={s}", f"train.epochs={e}", "train.max_steps=0")
@@ -349,6 +371,7 @@ def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories
     run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "epochs=2")
     text = (out / "report.md").read_text()
     assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and ", n=2)" in text
+    assert "| network | 10 -> 20 steps | flat from |\n| --- | --- | --- |\n| seed_resnet | -0." in text  # the loss change, paired by seed
     rows = table(out / "report.md")
     column = next(k for k in rows[0] if k.startswith("final acc - "))
     assert column == "final acc - epochs=2 (95% CI, paired by seed)"  # the baseline cell's name less its seed
