@@ -227,8 +227,10 @@ def budget_families(runs: Sequence[Run]) -> dict[str, dict[int, list[Run]]]:
 def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float, float, float, int]]]:
     """Network -> (steps, final accuracy: mean, 95% half-width, final training loss: mean, 95% half-width, seeds) per
     budget, for networks run at two budgets or more."""
-    return {name: [(steps, *mean_ci([r.final_accuracy for r in group]), *mean_ci_of_known([r.final_train_loss for r in group]), len(group))
-                   for steps, group in budgets.items()] for name, budgets in budget_families(runs).items()}
+    def point(steps, group):  # over seeds: a seed trained on two machines is one seed, its runs' mean
+        accuracy = by_seed(group, lambda r: r.final_accuracy)
+        return (steps, *mean_ci(list(accuracy.values())), *mean_ci_of_known(list(by_seed(group, lambda r: r.final_train_loss).values())), len(accuracy))
+    return {name: [point(steps, group) for steps, group in budgets.items()] for name, budgets in budget_families(runs).items()}
 
 
 def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:

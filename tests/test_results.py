@@ -334,6 +334,9 @@ def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
     assert (s1, s2) == (20, 40) and (n1, n2) == (2, 2) and (m1, m2) == (pytest.approx(0.52), pytest.approx(0.61))
     assert h1 == pytest.approx(12.706 * statistics.stdev([0.50, 0.54]) / 2**0.5)
     assert (l1, l2) == (pytest.approx(0.48), pytest.approx(0.39)) and lh1 == pytest.approx(h1)  # the last epoch's loss
+    again = budget_curves(runs + [fake_run(tmp_path, "r4-1b", [0.1] * 3 + [0.64], 1, epochs=4)])  # seed 1 again, another machine
+    assert again["resnet18 (shortcut B)"][1][1:] == (pytest.approx(0.615), pytest.approx(12.706 * statistics.stdev([0.60, 0.63]) / 2**0.5),
+                                                     pytest.approx(0.385), pytest.approx(12.706 * statistics.stdev([0.60, 0.63]) / 2**0.5), 2)
     from flowerdist.figures import budget_figure
 
     acc_ax, loss_ax = budget_figure(curves).axes  # accuracy and training loss, side by side
