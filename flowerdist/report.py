@@ -199,13 +199,16 @@ def paired_diffs(group: list[Run], baseline: list[Run], value=lambda r: r.final_
     return [v - base[seed] for seed, v in mine.items() if seed in base]
 
 
-def paired_difference(group: list[Run], baseline: list[Run], value=lambda r: r.final_accuracy) -> str:
-    """`mean [low, high] (n)` of paired_diffs: a paired t interval over the seeds both rows ran."""
-    diffs = paired_diffs(group, baseline, value)
-    if len(diffs) < 2:
-        return ""
+def interval(diffs: Sequence[float]) -> str:
+    """`mean [low, high] (n)`: the 95% t interval of paired differences."""
     mean, half = mean_ci(diffs)
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
+
+
+def paired_difference(group: list[Run], baseline: list[Run], value=lambda r: r.final_accuracy) -> str:
+    """The interval of paired_diffs over the seeds both rows ran ("" for fewer than two)."""
+    diffs = paired_diffs(group, baseline, value)
+    return interval(diffs) if len(diffs) >= 2 else ""
 
 
 def budget_families(runs: Sequence[Run]) -> dict[str, dict[int, list[Run]]]:
@@ -245,16 +248,10 @@ def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
         steps = list(budgets)
         for before, after in zip(steps, steps[1:]):
             diffs = paired_diffs(budgets[after], budgets[before], lambda x: x.final_train_loss)
-            if not diffs:
-                r[f"{before} -> {after} steps"] = "no seed at both"
-                continue
-            mean, half = mean_ci(diffs)
-            if len(diffs) == 1:
-                r[f"{before} -> {after} steps"] = f"{mean:+.3f} (one seed)"
-                continue
-            r[f"{before} -> {after} steps"] = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
-            falls = mean + half < 0
-            flat = None if falls else (before if flat is None else flat)
+            r[f"{before} -> {after} steps"] = interval(diffs) if len(diffs) > 1 else f"{diffs[0]:+.3f} (one seed)" if diffs else "no seed at both"
+            if len(diffs) > 1:
+                mean, half = mean_ci(diffs)
+                flat = None if mean + half < 0 else (before if flat is None else flat)  # a later fall undoes a flat step
         r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
         rows.append(r)
     return rows
