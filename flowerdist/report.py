@@ -5,7 +5,8 @@ It reads what a run writes (config.yaml, metrics.jsonl, run.json, result.json, s
 checkpoint); no W&B and no network. `--save-records DIR` copies each run's record (the files the table and the
 curves need, without weights: a few hundred KB) to DIR, to keep or commit: a run directory stays on its machine,
 its record travels, and `report` reads a record like a run. Runs that differ only in `train.seed` form one row of mean ± std.
-A run still in progress, or cut short, is reported with what it has, and marked so.
+A run still in progress, or cut short, is reported with what it has, and marked so: in a row of its own, never
+pooled with finished seeds, and left out of the intervals and the budget plot (its numbers are not its budget's).
 
 With several seeds per row, each row also gets the difference of its final validation accuracy to a baseline
 row (the first, or the one whose run names contain --baseline) with a 95% confidence interval, paired over the
@@ -215,7 +216,7 @@ def budget_families(runs: Sequence[Run]) -> dict[str, dict[int, list[Run]]]:
     """Network -> steps -> its runs (seeds) at that budget, for networks run at two budgets or more."""
     families: dict[tuple, dict[int, list[Run]]] = {}
     for run in runs:
-        if run.final_accuracy is not None:
+        if run.result is not None and run.final_accuracy is not None:  # an unfinished run's steps are not its budget
             families.setdefault(experiment_key(run, BUDGET), {}).setdefault(run.steps, []).append(run)
     out = {}
     for budgets in families.values():
@@ -258,9 +259,10 @@ def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
 
 
 def group_by_seed(runs: Sequence[Run]) -> list[list[Run]]:
+    """Rows: runs differing only in their seed; the finished and the unfinished ones of a config apart."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault(experiment_key(run), []).append(run)
+        groups.setdefault((experiment_key(run), run.result is not None), []).append(run)
     return list(groups.values())
 
 
@@ -401,19 +403,21 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     groups = group_by_seed(runs)
     lines = [f"# flowerdist report: {len(runs)} run(s), {len(groups)} row(s)", "", f"Written {datetime.now():%Y-%m-%d %H:%M} from the run directories alone.", ""]
     rows = [row(g) for g in groups]
-    base = next((g for g in groups if baseline and all(baseline in str(r.path) for r in g)), groups[0])
-    if baseline and not any(all(baseline in str(r.path) for r in g) for g in groups):
-        raise FlowerdistError(f"--baseline {baseline}: no row's runs all have it in their path; give part of the baseline runs' directory names")
+    finished = [g for g in groups if all(r.result is not None for r in g)]  # what intervals may pair with
+    base = next((g for g in finished if baseline and all(baseline in str(r.path) for r in g)), (finished or groups)[0])
+    if baseline and not any(all(baseline in str(r.path) for r in g) for g in finished):
+        raise FlowerdistError(f"--baseline {baseline}: no finished row's runs all have it in their path; give part of the baseline runs' directory names")
     if any(len(g) > 1 for g in groups):
         name = ",".join(p for p in base[0].name.split(",") if not p.startswith("seed=")) if len(base) > 1 else base[0].name  # a sweep cell's name less its seed
         for g, r in zip(groups, rows):
-            r[f"final acc - {name} (95% CI, paired by seed)"] = "baseline" if g is base else paired_difference(g, base)
-            r[f"final training loss - {name} (95% CI)"] = "baseline" if g is base else paired_difference(g, base, lambda x: x.final_train_loss)
+            def difference(value):  # an unfinished row's numbers are not its budget's: no interval (its status says why)
+                return "baseline" if g is base else paired_difference(g, base, value) if g in finished else ""
+            r[f"final acc - {name} (95% CI, paired by seed)"] = difference(lambda x: x.final_accuracy)
+            r[f"final training loss - {name} (95% CI)"] = difference(lambda x: x.final_train_loss)
             if "test acc, best / last checkpoint" in r and base[0].test:  # the held-out photos, weights not selected on them
-                r[f"test acc (last) - {name} (95% CI)"] = "baseline" if g is base else paired_difference(
-                    g, base, lambda x: x.test.get("test/last/accuracy"))
+                r[f"test acc (last) - {name} (95% CI)"] = difference(lambda x: x.test.get("test/last/accuracy"))
             for label in (e for e in dict.fromkeys(e for b in base for e in b.evals) if f"eval {e}" in r):
-                r[f"eval {label} - {name} (95% CI)"] = "baseline" if g is base else paired_difference(g, base, lambda x: x.evals.get(label))
+                r[f"eval {label} - {name} (95% CI)"] = difference(lambda x, label=label: x.evals.get(label))
     lines += [markdown_table(rows), ""]
     curves = budget_curves(runs)
     if curves:

@@ -96,6 +96,24 @@ def test_report_marks_a_run_cut_short_and_refuses_a_folder_that_is_not_a_run(thr
     run_cli("report", str(cut))
     (row,) = table(cut / "report" / "report.md")
     assert row["status"].startswith("in progress or cut short")
+    # the cells of two finished seeds rerun elsewhere, one epoch in: a row of their own, no interval, and no place in
+    # the budget plot (their 1-epoch numbers are not their config's budget: they would make a second one)
+    live = [cut, tmp_path / "cut1"]
+    shutil.copytree(three_runs[1], live[1])
+    (live[1] / "result.json").unlink()
+    for run in live:
+        lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+        first_epoch = next(i for i, line in enumerate(lines) if "val/accuracy" in line)
+        (run / "metrics.jsonl").write_text("".join(lines[:first_epoch + 1]))
+    run_cli("report", str(three_runs[0]), str(three_runs[1]), *map(str, live), "--out", str(tmp_path / "live"))
+    finished, rerun = table(tmp_path / "live" / "report.md")
+    assert "seed0, seed1 (n=2" in finished["run"] and finished["status"] == "finished" and finished["epochs"] == "2 of 2"
+    assert "cut, cut1 (n=2" in rerun["run"] and rerun["epochs"] == "1 of 2" and rerun["status"].startswith("in progress or cut short")
+    difference = "final acc - seed0 (95% CI, paired by seed)"
+    assert finished[difference] == "baseline" and rerun[difference] == "", rerun[difference]
+    assert "Accuracy against the training budget" not in (tmp_path / "live" / "report.md").read_text()
+    proc = run_cli("report", str(three_runs[0]), *map(str, live), "--out", str(tmp_path / "live"), "--baseline", "cut1", check=False)
+    assert proc.returncode == 2 and "--baseline cut1: no finished row" in proc.stderr  # intervals against a partial run: refused
     proc = run_cli("report", str(tmp_path / "nothing"), check=False)
     assert proc.returncode == 2 and "is not a flowerdist run directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
