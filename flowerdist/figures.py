@@ -121,7 +121,8 @@ def budget_figure(curves: dict[str, list[tuple[int, float, float, float, float, 
 def per_class_figure(names: Sequence[str], classes: Sequence[str], accuracies: Sequence[Sequence[float]]) -> Figure:
     """Per-class validation accuracy, one bar group per class, one bar per run."""
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(classes) + 0.6 * len(names)), 3.8), constrained_layout=True)
+    inches = max(6, 1.4 * len(classes) + 0.6 * len(names))
+    fig, ax = plt.subplots(figsize=(inches, 3.8), constrained_layout=True)
     x = np.arange(len(classes))
     for k, (name, acc) in enumerate(zip(names, accuracies)):
         ax.bar(x + (k - (len(names) - 1) / 2) * width, acc, width, label=name, color=COLORS[k % len(COLORS)])
@@ -129,7 +130,10 @@ def per_class_figure(names: Sequence[str], classes: Sequence[str], accuracies: S
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("validation accuracy")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(names)), frameon=False)
+    # as many legend columns as the names fit across the figure (8-pt text about 0.065 in a character, 0.6 in for the
+    # patch and gap): a wider legend made the layout give up and squeeze the bars to a third of the width
+    fits = int(inches / (0.065 * max(map(len, names), default=1) + 0.6))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=max(1, min(4, len(names), fits)), frameon=False)
     return fig
 
 

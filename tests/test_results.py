@@ -318,13 +318,13 @@ def test_export_without_onnx_names_the_extra(trained_run, tmp_path, monkeypatch)
 
 
 def fake_run(tmp_path, name, finals, seed, epochs=6, shortcut="B", model="resnet18"):
-    """A run record as load_run makes it: the config and one validation event per epoch."""
+    """A finished run's record as load_run makes it: the config, one validation event per epoch and a result."""
     from flowerdist.config import load_config
     from flowerdist.report import Run
 
     cfg = load_config(None, [f"model.name={model}", f"model.shortcut={shortcut}", f"train.seed={seed}", f"train.epochs={epochs}"])
     events = [{"step": 10 * (i + 1), "val/accuracy": acc, "train/epoch_loss": 1 - acc} for i, acc in enumerate(finals)]
-    return Run(tmp_path / name, cfg, events)
+    return Run(tmp_path / name, cfg, events, result={"global_step": events[-1]["step"]})
 
 
 def test_paired_interval_of_the_difference_to_the_baseline(tmp_path):
@@ -398,3 +398,18 @@ def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories
     assert column == "final acc - epochs=2 (95% CI, paired by seed)"  # the baseline cell's name less its seed
     assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=2)" in sorted(r[column] for r in rows)[0]
     assert not list(out.glob("mistakes-*.png")) == (len(runs) <= 6)  # per-run figures only for a few runs (4 here: yes)
+
+
+def test_per_class_bars_keep_their_width_beside_long_run_names():
+    """Sweep cells' names are long: a one-row legend of four was wider than the figure, and the layout squeezed the
+    bars to a third of it (matplotlib: "constrained_layout not applied")."""
+    import warnings
+
+    from flowerdist.figures import per_class_figure
+
+    names = [f"seed={s},name=resnet{d},shortcut=B,epochs=128" for s in (0, 1) for d in (18, 34)]
+    fig = per_class_figure(names, ["daisy", "dandelion", "roses", "sunflowers", "tulips"], [[0.8] * 5] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.canvas.draw()
+    assert fig.axes[0].get_position().width > 0.8
