@@ -147,8 +147,13 @@ class Run:
         return self.info.get("global_batch") or self.config.data.batch_size * world * self.config.train.grad_accum_steps
 
     @property
+    def finished(self) -> bool:
+        """It ended normally (result.json): its numbers are its budget's."""
+        return self.result is not None
+
+    @property
     def status(self) -> str:
-        if self.result is not None:
+        if self.finished:
             return "finished"
         last = max((e["step"] for e in self.events), default=0)
         return f"in progress or cut short (step {last}, epoch {len(self.epochs)} of {self.config.train.epochs})"
@@ -216,7 +221,7 @@ def budget_families(runs: Sequence[Run]) -> dict[str, dict[int, list[Run]]]:
     """Network -> steps -> its runs (seeds) at that budget, for networks run at two budgets or more."""
     families: dict[tuple, dict[int, list[Run]]] = {}
     for run in runs:
-        if run.result is not None and run.final_accuracy is not None:  # an unfinished run's steps are not its budget
+        if run.finished and run.final_accuracy is not None:  # an unfinished run's steps are not its budget
             families.setdefault(experiment_key(run, BUDGET), {}).setdefault(run.steps, []).append(run)
     out = {}
     for budgets in families.values():
@@ -262,7 +267,7 @@ def group_by_seed(runs: Sequence[Run]) -> list[list[Run]]:
     """Rows: runs differing only in their seed; the finished and the unfinished ones of a config apart."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault((experiment_key(run), run.result is not None), []).append(run)
+        groups.setdefault((experiment_key(run), run.finished), []).append(run)
     return list(groups.values())
 
 
@@ -403,7 +408,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     groups = group_by_seed(runs)
     lines = [f"# flowerdist report: {len(runs)} run(s), {len(groups)} row(s)", "", f"Written {datetime.now():%Y-%m-%d %H:%M} from the run directories alone.", ""]
     rows = [row(g) for g in groups]
-    finished = [g for g in groups if all(r.result is not None for r in g)]  # what intervals may pair with
+    finished = [g for g in groups if g[0].finished]  # what intervals may pair with (a row is all finished or none)
     base = next((g for g in finished if baseline and all(baseline in str(r.path) for r in g)), (finished or groups)[0])
     if baseline and not any(all(baseline in str(r.path) for r in g) for g in finished):
         raise FlowerdistError(f"--baseline {baseline}: no finished row's runs all have it in their path; give part of the baseline runs' directory names")
@@ -411,7 +416,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         name = ",".join(p for p in base[0].name.split(",") if not p.startswith("seed=")) if len(base) > 1 else base[0].name  # a sweep cell's name less its seed
         for g, r in zip(groups, rows):
             def difference(value):  # an unfinished row's numbers are not its budget's: no interval (its status says why)
-                return "baseline" if g is base else paired_difference(g, base, value) if g in finished else ""
+                return "baseline" if g is base else paired_difference(g, base, value) if g[0].finished else ""
             r[f"final acc - {name} (95% CI, paired by seed)"] = difference(lambda x: x.final_accuracy)
             r[f"final training loss - {name} (95% CI)"] = difference(lambda x: x.final_train_loss)
             if "test acc, best / last checkpoint" in r and base[0].test:  # the held-out photos, weights not selected on them
