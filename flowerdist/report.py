@@ -409,9 +409,10 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
     lines = [f"# flowerdist report: {len(runs)} run(s), {len(groups)} row(s)", "", f"Written {datetime.now():%Y-%m-%d %H:%M} from the run directories alone.", ""]
     rows = [row(g) for g in groups]
     finished = [g for g in groups if g[0].finished]  # what intervals may pair with (a row is all finished or none)
-    base = next((g for g in finished if baseline and all(baseline in str(r.path) for r in g)), (finished or groups)[0])
-    if baseline and not any(all(baseline in str(r.path) for r in g) for g in finished):
+    matching = [g for g in finished if all(baseline in str(r.path) for r in g)] if baseline else []
+    if baseline and not matching:
         raise FlowerdistError(f"--baseline {baseline}: no finished row's runs all have it in their path; give part of the baseline runs' directory names")
+    base = (matching or finished or groups)[0]
     if any(len(g) > 1 for g in groups):
         name = ",".join(p for p in base[0].name.split(",") if not p.startswith("seed=")) if len(base) > 1 else base[0].name  # a sweep cell's name less its seed
         for g, r in zip(groups, rows):
