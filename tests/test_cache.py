@@ -117,7 +117,7 @@ def test_the_gpu_data_paths_train_the_cpu_paths_weights(tiny_data, tmp_path):
             "data.prefetch_factor=4", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=12", "train.epochs=2",
             f"train.output_dir={tmp_path / name}", "log.wandb=disabled",
         ).stdout
-        digests[name] = re.search(r"weights sha256 (\w+)", out).group(1)
+        digests[name] = re.search(r"weights sha256 ([0-9a-f]{16})", out).group(1)
         workers = 0 if name == "cpu-default" else 2
         assert f"flowerdist: data: {workers} DataLoader workers" in out and f"decoded cache {'off' if name == 'gpu-folder' else 'on'}" in out
     assert len(set(digests.values())) == 1, digests  # 12 steps over two epochs: the workers' second epoch too

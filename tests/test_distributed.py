@@ -158,7 +158,7 @@ def test_two_nodes_on_one_machine_train_one_model(tiny_data, tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "world_size=2" in outs[0] and "num_machines=2" in outs[0]
-    digests = [re.search(rf"rank {r} weights sha256 (\w+)", outs[r]).group(1) for r in (0, 1)]
+    digests = [re.search(rf"rank {r} weights sha256 ([0-9a-f]{{16}})", outs[r]).group(1) for r in (0, 1)]
     assert digests[0] == digests[1]
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # one W&B run
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
@@ -226,7 +226,7 @@ def test_batch_norm_ranks_validate_the_weights_they_save(tiny_data, tmp_path):
     saved checkpoint, and both ranks state the same digest."""
     run = tmp_path / "bn"
     proc = launch(2, *train_args(tiny_data, run, "data.batch_size=4", "model.name=resnet18", "data.image_size=32", "train.max_steps=4"))
-    digests = re.findall(r"rank (\d) weights sha256 (\w+)", proc.stdout + proc.stderr)
+    digests = re.findall(r"rank (\d) weights sha256 ([0-9a-f]{16})", proc.stdout + proc.stderr)
     assert len(digests) == 2 and digests[0][1] == digests[1][1], digests
     val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/loss" in l][-1]
     from conftest import run_cli
