@@ -22,6 +22,35 @@ def save(fig: Figure, path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def _colors(n: int) -> list:
+    """One colour per run that no other run shares: the default cycle up to 10 runs (it repeats after that, and a
+    52-run report drew five runs in each colour), tab20 up to 20, then evenly spaced along turbo."""
+    if n <= len(COLORS):
+        return COLORS[:n]
+    cmap = plt.get_cmap("tab20" if n <= 20 else "turbo")
+    return [cmap(i) for i in range(n)] if n <= 20 else [cmap(i / (n - 1)) for i in range(n)]
+
+
+def _legend_columns(names: Sequence[str], inches: float) -> int:
+    """As many legend columns as the names fit across `inches` (8-pt text about 0.065 in a character, 0.6 in for
+    the line sample and gap): a legend wider than the figure makes the layout give up."""
+    fits = int(inches / (0.065 * max(map(len, names), default=1) + 0.6))
+    return max(1, min(4, len(names), fits))
+
+
+def _legend_inches(names: Sequence[str], inches: float) -> float:
+    """The height a legend of `names` below a figure `inches` wide takes (one 8-pt row about 0.19 in), added to the
+    figure so that the axes keep their size however many runs a report has."""
+    return 0.3 + 0.19 * math.ceil(len(names) / _legend_columns(names, inches))
+
+
+def _legend_below(fig: Figure, ax, inches: float) -> None:
+    """The axes' legend under the whole figure, in as many columns as fit: inside the axes, a sweep's dozens of long
+    run names covered the plots and collapsed the layout (matplotlib: "constrained_layout not applied")."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=_legend_columns(labels, inches), fontsize=8, frameon=False)
+
+
 def _picture(ax) -> None:
     """An axes that only shows an image. Without ticks: an axis that is merely off still lays out its ticks at
     every layout pass (measured: 0.83 -> 0.52 s to save the 18-image mistakes grid, the same pixels)."""
@@ -74,9 +103,9 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
     """Training loss and validation accuracy against steps and against training minutes, one colour per run.
 
     `minutes[run][step]`: training time up to each logged step (evaluation excluded)."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    for k, (name, events) in enumerate(runs.items()):
-        color, at = COLORS[k % len(COLORS)], minutes[name]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7 + _legend_inches(list(runs), 11)), constrained_layout=True)
+    for color, (name, events) in zip(_colors(len(runs)), runs.items()):
+        at = minutes[name]
         losses = [e for e in events if "train/loss" in e]
         vals = [e for e in events if "val/accuracy" in e]
         axes[0, 0].plot([e["step"] for e in losses], [e["train/loss"] for e in losses], color=color, lw=1.2, label=name)
@@ -92,7 +121,7 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-    axes[0, 1].legend(fontsize=8, loc="lower right")
+    _legend_below(fig, axes[0, 1], 11)
     return fig
 
 
@@ -101,10 +130,10 @@ def budget_figure(curves: dict[str, list[tuple[int, float, float, float, float, 
     95% interval over seeds: where accuracy stops rising and the loss stops falling is the budget that has flattened.
     The title says how many seeds each point has (one seed: no interval to draw)."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for i, (name, points) in enumerate(curves.items()):
+    for color, (name, points) in zip(_colors(len(curves)), curves.items()):
         steps, means, halves, losses, loss_halves, _ = zip(*points)
-        acc_ax.errorbar(steps, means, yerr=halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
-        loss_ax.errorbar(steps, losses, yerr=loss_halves, marker="o", capsize=3, color=COLORS[i % len(COLORS)], label=name)
+        acc_ax.errorbar(steps, means, yerr=halves, marker="o", capsize=3, color=color, label=name)
+        loss_ax.errorbar(steps, losses, yerr=loss_halves, marker="o", capsize=3, color=color, label=name)
     seeds = sorted({n for points in curves.values() for *_, n in points})
     span = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     over = "one seed, no interval" if seeds == [1] else f"mean, 95% CI over {span} seeds"
@@ -124,25 +153,23 @@ def per_class_figure(names: Sequence[str], classes: Sequence[str], accuracies: S
     inches = max(6, 1.4 * len(classes) + 0.6 * len(names))
     fig, ax = plt.subplots(figsize=(inches, 3.8), constrained_layout=True)
     x = np.arange(len(classes))
-    for k, (name, acc) in enumerate(zip(names, accuracies)):
-        ax.bar(x + (k - (len(names) - 1) / 2) * width, acc, width, label=name, color=COLORS[k % len(COLORS)])
+    for k, (name, acc, color) in enumerate(zip(names, accuracies, _colors(len(names)))):
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, acc, width, label=name, color=color)
     ax.set_xticks(x, classes)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("validation accuracy")
     ax.grid(axis="y", alpha=0.3)
     # as many legend columns as the names fit across the figure (8-pt text about 0.065 in a character, 0.6 in for the
     # patch and gap): a wider legend made the layout give up and squeeze the bars to a third of the width
-    fits = int(inches / (0.065 * max(map(len, names), default=1) + 0.6))
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=max(1, min(4, len(names), fits)), frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=_legend_columns(names, inches), frameon=False)
     return fig
 
 
 def throughput_figure(runs: dict[str, list[dict]]) -> Figure:
     """Images/s and the share of time spent waiting for data, per log window: a stalled data path shows at once."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True, constrained_layout=True)
-    for k, (name, events) in enumerate(runs.items()):
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5 + _legend_inches(list(runs), 10)), sharex=True, constrained_layout=True)
+    for color, (name, events) in zip(_colors(len(runs)), runs.items()):
         windows = [e for e in events if "train/images_per_s" in e]
-        color = COLORS[k % len(COLORS)]
         top.plot([e["step"] for e in windows], [e["train/images_per_s"] for e in windows], color=color, lw=1.2, label=name)
         bottom.plot([e["step"] for e in windows], [100 * e.get("train/data_wait", 0) for e in windows], color=color, lw=1.2)
     top.set_ylabel("images / s")
@@ -151,7 +178,7 @@ def throughput_figure(runs: dict[str, list[dict]]) -> Figure:
     bottom.set_ylim(bottom=0)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    top.legend(fontsize=8)
+    _legend_below(fig, top, 10)
     return fig
 
 

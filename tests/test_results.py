@@ -413,3 +413,29 @@ def test_per_class_bars_keep_their_width_beside_long_run_names():
         warnings.simplefilter("error")
         fig.canvas.draw()
     assert fig.axes[0].get_position().width > 0.8
+
+
+def test_curves_and_throughput_keep_their_axes_and_a_colour_per_run_beside_a_sweeps_legend():
+    """`report` over a sweep's 52 cells drew their legend inside the curves' axes: it covered the plots, collapsed the
+    layout (matplotlib: "constrained_layout not applied") and repeated each of 10 colours five times."""
+    import warnings
+
+    from matplotlib.colors import to_rgba
+
+    from flowerdist.figures import curves_figure, throughput_figure
+
+    names = [f"budget-intel/seed={s},name=resnet{d},shortcut={c},epochs={e}"
+             for s in range(3) for d in (18, 34) for c in ("B", "none") for e in (4, 8, 16, 32, 64)][:52]
+    events = [{"step": 10 * i, "train/loss": 1.5 - 0.01 * i, "train/images_per_s": 100.0, "train/data_wait": 0.1} for i in range(20)]
+    events += [{"step": 10 * i, "val/accuracy": 0.5 + 0.01 * i} for i in range(0, 20, 5)]
+    runs = {name: events for name in names}
+    minutes = {name: {10 * i: 0.1 * i for i in range(20)} for name in names}
+    for fig in (curves_figure(runs, minutes), throughput_figure(runs)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fig.canvas.draw()
+        height = fig.get_size_inches()[1]
+        assert min(ax.get_position().height * height for ax in fig.axes) > 2.4  # inches: as tall as with one run
+        assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 52
+        for ax in fig.axes:
+            assert len({to_rgba(line.get_color()) for line in ax.lines}) == 52
