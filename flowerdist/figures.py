@@ -103,7 +103,9 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
     """Training loss and validation accuracy against steps and against training minutes, one colour per run.
 
     `minutes[run][step]`: training time up to each logged step (evaluation excluded)."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7 + _legend_inches(list(runs), 11)), constrained_layout=True)
+    labels = [label for name, events in runs.items()  # a run with an EMA has a second, dashed entry
+              for label in ([name, f"{name} (EMA)"] if any("val_ema/accuracy" in e for e in events) else [name])]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7 + _legend_inches(labels, 11)), constrained_layout=True)
     for color, (name, events) in zip(_colors(len(runs)), runs.items()):
         at = minutes[name]
         losses = [e for e in events if "train/loss" in e]
@@ -159,8 +161,7 @@ def per_class_figure(names: Sequence[str], classes: Sequence[str], accuracies: S
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("validation accuracy")
     ax.grid(axis="y", alpha=0.3)
-    # as many legend columns as the names fit across the figure (8-pt text about 0.065 in a character, 0.6 in for the
-    # patch and gap): a wider legend made the layout give up and squeeze the bars to a third of the width
+    # a legend wider than the figure made the layout give up and squeeze the bars to a third of the width
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=_legend_columns(names, inches), frameon=False)
     return fig
 

@@ -430,12 +430,13 @@ def test_curves_and_throughput_keep_their_axes_and_a_colour_per_run_beside_a_swe
     events += [{"step": 10 * i, "val/accuracy": 0.5 + 0.01 * i} for i in range(0, 20, 5)]
     runs = {name: events for name in names}
     minutes = {name: {10 * i: 0.1 * i for i in range(20)} for name in names}
-    for fig in (curves_figure(runs, minutes), throughput_figure(runs)):
+    with_ema = {name: [{**e, "val_ema/accuracy": 0.6} if "val/accuracy" in e else e for e in events] for name in names[:26]}
+    for fig, colours in ((curves_figure(runs, minutes), 52), (throughput_figure(runs), 52), (curves_figure(with_ema, minutes), 26)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fig.canvas.draw()
         height = fig.get_size_inches()[1]
         assert min(ax.get_position().height * height for ax in fig.axes) > 2.4  # inches: as tall as with one run
-        assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 52
+        assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 52  # 26 runs with their EMA: 52 too
         for ax in fig.axes:
-            assert len({to_rgba(line.get_color()) for line in ax.lines}) == 52
+            assert len({to_rgba(line.get_color()) for line in ax.lines}) == colours  # one per run
