@@ -27,8 +27,9 @@ def _colors(n: int) -> list:
     52-run report drew five runs in each colour), tab20 up to 20, then evenly spaced along turbo."""
     if n <= len(COLORS):
         return COLORS[:n]
-    cmap = plt.get_cmap("tab20" if n <= 20 else "turbo")
-    return [cmap(i) for i in range(n)] if n <= 20 else [cmap(i / (n - 1)) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
 
 
 def _legend_columns(names: Sequence[str], inches: float) -> int:
@@ -38,17 +39,16 @@ def _legend_columns(names: Sequence[str], inches: float) -> int:
     return max(1, min(4, len(names), fits))
 
 
-def _legend_inches(names: Sequence[str], inches: float) -> float:
-    """The height a legend of `names` below a figure `inches` wide takes (one 8-pt row about 0.19 in), added to the
-    figure so that the axes keep their size however many runs a report has."""
-    return 0.3 + 0.19 * math.ceil(len(names) / _legend_columns(names, inches))
-
-
-def _legend_below(fig: Figure, ax, inches: float) -> None:
-    """The axes' legend under the whole figure, in as many columns as fit: inside the axes, a sweep's dozens of long
-    run names covered the plots and collapsed the layout (matplotlib: "constrained_layout not applied")."""
+def _legend_below(fig: Figure, ax) -> None:
+    """The axes' legend under the whole figure, in as many columns as fit, and the figure taller by the legend's
+    height (one 8-pt row about 0.19 in) so that the axes keep their size however many runs a report has: inside
+    the axes, a sweep's dozens of long run names covered the plots and collapsed the layout (matplotlib:
+    "constrained_layout not applied")."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=_legend_columns(labels, inches), fontsize=8, frameon=False)
+    width, height = fig.get_size_inches()
+    columns = _legend_columns(labels, width)
+    fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.set_size_inches(width, height + 0.3 + 0.19 * math.ceil(len(labels) / columns))
 
 
 def _picture(ax) -> None:
@@ -103,9 +103,7 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
     """Training loss and validation accuracy against steps and against training minutes, one colour per run.
 
     `minutes[run][step]`: training time up to each logged step (evaluation excluded)."""
-    labels = [label for name, events in runs.items()  # a run with an EMA has a second, dashed entry
-              for label in ([name, f"{name} (EMA)"] if any("val_ema/accuracy" in e for e in events) else [name])]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7 + _legend_inches(labels, 11)), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for color, (name, events) in zip(_colors(len(runs)), runs.items()):
         at = minutes[name]
         losses = [e for e in events if "train/loss" in e]
@@ -123,7 +121,7 @@ def curves_figure(runs: dict[str, list[dict]], minutes: dict[str, dict[int, floa
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-    _legend_below(fig, axes[0, 1], 11)
+    _legend_below(fig, axes[0, 1])
     return fig
 
 
@@ -168,7 +166,7 @@ def per_class_figure(names: Sequence[str], classes: Sequence[str], accuracies: S
 
 def throughput_figure(runs: dict[str, list[dict]]) -> Figure:
     """Images/s and the share of time spent waiting for data, per log window: a stalled data path shows at once."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5 + _legend_inches(list(runs), 10)), sharex=True, constrained_layout=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True, constrained_layout=True)
     for color, (name, events) in zip(_colors(len(runs)), runs.items()):
         windows = [e for e in events if "train/images_per_s" in e]
         top.plot([e["step"] for e in windows], [e["train/images_per_s"] for e in windows], color=color, lw=1.2, label=name)
@@ -179,7 +177,7 @@ def throughput_figure(runs: dict[str, list[dict]]) -> Figure:
     bottom.set_ylim(bottom=0)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    _legend_below(fig, top, 10)
+    _legend_below(fig, top)
     return fig
 
 
