@@ -159,8 +159,7 @@ def per_class_figure(names: Sequence[str], classes: Sequence[str], accuracies: S
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("validation accuracy")
     ax.grid(axis="y", alpha=0.3)
-    # a legend wider than the figure made the layout give up and squeeze the bars to a third of the width
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=_legend_columns(names, inches), frameon=False)
+    _legend_below(fig, ax)  # inside or beside the axes, a wide legend squeezed the bars to a third of the width
     return fig
 
 

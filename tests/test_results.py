@@ -413,6 +413,7 @@ def test_per_class_bars_keep_their_width_beside_long_run_names():
         warnings.simplefilter("error")
         fig.canvas.draw()
     assert fig.axes[0].get_position().width > 0.8
+    assert fig.legends[0].get_window_extent().width <= fig.bbox.width  # in as many columns as fit
 
 
 def test_curves_and_throughput_keep_their_axes_and_a_colour_per_run_beside_a_sweeps_legend():
@@ -438,5 +439,6 @@ def test_curves_and_throughput_keep_their_axes_and_a_colour_per_run_beside_a_swe
         height = fig.get_size_inches()[1]
         assert min(ax.get_position().height * height for ax in fig.axes) > 2.4  # inches: as tall as with one run
         assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 52  # 26 runs with their EMA: 52 too
+        assert fig.legends[0].get_window_extent().width <= fig.bbox.width  # in as many columns as fit
         for ax in fig.axes:
             assert len({to_rgba(line.get_color()) for line in ax.lines}) == colours  # one per run
