@@ -242,15 +242,28 @@ def budget_curves(runs: Sequence[Run]) -> dict[str, list[tuple[int, float, float
     return {name: [point(steps, group) for steps, group in budgets.items()] for name, budgets in budget_families(runs).items()}
 
 
+def target_entropy(run: Run) -> float | None:
+    """The lowest mean training loss the run's targets allow: the entropy of its label-smoothed one-hot target (MixUp
+    and CutMix mix such targets, which only raises it); None where the number of classes is unknown."""
+    eps, k = run.config.train.label_smoothing, len(run.classes)
+    if eps == 0:
+        return 0.0
+    if k < 2:
+        return None
+    top, rest = 1 - eps + eps / k, eps / k
+    return -(top * math.log(top) + (k - 1) * rest * math.log(rest))
+
+
 def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
     """A row per network: the change of its final training loss from each budget to the next, paired by seed, with a
     95% t interval, and the first budget from which the loss is no longer shown to fall (the next budget's change has
     an interval reaching 0 or above, and so has every later one). That is the budget a comparison of networks needs:
     below it, one network may only be ahead because it trains faster. One seed at both budgets gives the change and
-    no verdict."""
+    no verdict. The loss cannot fall below its targets' entropy (the floor), so a loss still falling can only repeat
+    its last fall (loss - floor) / fall more times: its curve bends within that many more budget steps."""
     rows = []
     for name, budgets in budget_families(runs).items():
-        r, flat = {"network": name}, None
+        r, flat, diffs = {"network": name}, None, []
         steps = list(budgets)
         for before, after in zip(steps, steps[1:]):
             diffs = paired_diffs(budgets[after], budgets[before], lambda x: x.final_train_loss)
@@ -259,6 +272,11 @@ def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
                 mean, half = mean_ci(diffs)
                 flat = None if mean + half < 0 else (before if flat is None else flat)  # a later fall undoes a flat step
         r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
+        floor = next((f for f in map(target_entropy, budgets[steps[-1]]) if f is not None), None)
+        losses, fall = list(by_seed(budgets[steps[-1]], lambda x: x.final_train_loss).values()), statistics.mean(diffs or [0.0])
+        r["floor"] = f"{floor:.3f}" if floor is not None else "unknown (no class list)"
+        r["(loss - floor) / last fall"] = (f"{(statistics.mean(losses) - floor) / -fall:.1f}" if fall < 0 and floor is not None
+                                           else "not falling" if floor is not None else "")
         rows.append(r)
     return rows
 
@@ -433,7 +451,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f} (loss {loss:.3f}, n={n})" for steps, m, h, loss, _, n in points}}
                                   for name, points in curves.items()]), ""]
         lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
-                  "no longer falls (its interval reaches 0): where a comparison of the networks needs to be made:", ""]
+                  "no longer falls (its interval reaches 0): where a comparison of the networks needs to be made. The floor is the "
+                  "lowest loss the targets allow (their entropy under label smoothing); a loss still falling can repeat its last fall "
+                  "only (loss - floor) / fall more times, so its curve bends within that many more budget steps:", ""]
         lines += [markdown_table(loss_flattening(runs)), ""]
     names = {r.name for r in runs}  # two runs called `run` in different folders are labelled with their parent too
     label = {id(r): (r.name if len(names) == len(runs) else f"{r.path.parent.name}/{r.name}") for r in runs}

@@ -381,7 +381,32 @@ def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tm
     assert r18["20 -> 40 steps"] == "-0.197 [-0.211, -0.182] (n=3)"
     assert r18["40 -> 80 steps"] == "-0.003 [-0.032, +0.025] (n=3)" and r18["flat from"] == "40 steps"
     assert r34["flat from"] == "not shown by 80 steps"  # a flat step followed by a fall is not flattened
-    assert r50 == {"network": "resnet50 (shortcut B)", "20 -> 40 steps": "-0.100 (one seed)", "flat from": "not shown by 40 steps"}
+    assert r50 == {"network": "resnet50 (shortcut B)", "20 -> 40 steps": "-0.100 (one seed)", "flat from": "not shown by 40 steps",
+                   "floor": "0.000", "(loss - floor) / last fall": "8.0"}  # no label smoothing: the floor is 0; 0.8 / 0.1
+    # the last loss (0.71, 0.71) over the last fall (-0.00333, -0.19667): how many more such falls the floor leaves room for
+    assert (r18["(loss - floor) / last fall"], r34["(loss - floor) / last fall"]) == ("213.0", "3.6")
+
+
+def test_the_loss_floor_is_the_smoothed_targets_entropy_that_torchs_loss_reaches(tmp_path):
+    """With label smoothing the training loss cannot reach 0: its floor is the smoothed target's entropy, the loss
+    torch's cross-entropy gives a prediction equal to that target (0.390 for 0.1 over the five flowers)."""
+    import torch
+
+    from flowerdist.config import load_config
+    from flowerdist.report import Run, loss_flattening, target_entropy
+
+    cfg = load_config(None, ["train.label_smoothing=0.1"])
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(["a", "b", "c", "d", "e"])}))
+    floor = target_entropy(Run(tmp_path / "r", cfg, []))
+    target = torch.full((5,), 0.1 / 5) + torch.nn.functional.one_hot(torch.tensor(2), 5) * 0.9
+    reached = torch.nn.functional.cross_entropy(target.log()[None], torch.tensor([2]), label_smoothing=0.1).item()
+    assert floor == pytest.approx(reached, abs=1e-6) and f"{floor:.3f}" == "0.390"
+    assert target_entropy(Run(tmp_path / "no-classes", cfg, [])) is None  # a record without its class list: unknown
+    runs = [Run(tmp_path / "r", load_config(None, ["train.label_smoothing=0.1", f"train.epochs={e}"]), [
+        {"step": 10 * e, "val/accuracy": 0.5, "train/epoch_loss": loss}], result={"global_step": 10 * e}) for e, loss in ((2, 0.70), (4, 0.55))]
+    (row,) = loss_flattening(runs)
+    assert row["floor"] == "0.390" and row["(loss - floor) / last fall"] == f"{(0.55 - floor) / 0.15:.1f}" == "1.1"
 
 
 @pytest.mark.slow
@@ -392,7 +417,7 @@ def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories
     run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "epochs=2")
     text = (out / "report.md").read_text()
     assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and ", n=2)" in text
-    assert "| network | 10 -> 20 steps | flat from |\n| --- | --- | --- |\n| seed_resnet | -0." in text  # the loss change, paired by seed
+    assert "| network | 10 -> 20 steps | flat from | floor | (loss - floor) / last fall |\n| --- | --- | --- | --- | --- |\n| seed_resnet | -0." in text  # the loss change, paired by seed
     rows = table(out / "report.md")
     column = next(k for k in rows[0] if k.startswith("final acc - "))
     assert column == "final acc - epochs=2 (95% CI, paired by seed)"  # the baseline cell's name less its seed
