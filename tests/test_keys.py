@@ -187,6 +187,21 @@ def test_eval_uses_the_precision_the_run_validated_in(tiny_data, tmp_path):
 
     convs = [p for p in load_model(run / "checkpoints" / "last")[0].parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    # `predict` runs in the same precision: its probabilities are the bf16 forward's, not the fp32 one's
+    from flowerdist.data.images import load_rgb
+    from flowerdist.data.transforms import eval_transform, to_model_input
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    photo = tiny_data / "roses" / "roses_00001.jpg"
+    model, cfg, _, _ = load_model(run / "checkpoints" / "last")
+    x = to_model_input(eval_transform(cfg.eval_image_size)(pil_to_tensor(load_rgb(photo)))[None], torch.device("cpu"))
+    with torch.no_grad():
+        fp32 = model(x).softmax(1)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float().softmax(1)[0]
+    predicted = json.loads(run_cli("predict", "--checkpoint", str(run / "checkpoints" / "last"), "--topk", "5", "--json", str(photo)).stdout)
+    got = torch.tensor([{p["class"]: p["probability"] for p in predicted[0]["predictions"]}[c] for c in cfg_classes(run)])
+    assert torch.allclose(got, bf16, atol=1e-6) and (got - fp32).abs().max() > 1e-5
 
 
 def test_eval_every_validates_every_nth_epoch_and_the_last(tiny_data, tmp_path):
