@@ -162,6 +162,12 @@ def test_flip_tta_is_used_alike_by_validation_eval_predict_and_export(tiny_data,
     predicted = json.loads(run_cli("predict", "--checkpoint", str(run / "checkpoints" / "last"), "--topk", "5", "--json", str(photo)).stdout)
     got = {p["class"]: p["probability"] for p in predicted[0]["predictions"]}
     assert [got[c] for c in cfg_classes(run)] == pytest.approx(expected.tolist(), abs=1e-6)
+    from flowerdist.data.folder import scan_folder
+    from flowerdist.inference import predict_indices  # the report's mistakes grid
+
+    index = scan_folder(tiny_data)
+    _, _, pred, prob = predict_indices(run / "checkpoints" / "last", index, [index.files.index("roses/roses_00001.jpg")])
+    assert pred == [int(expected.argmax())] and prob == [pytest.approx(expected.max().item(), abs=1e-6)]
     run_cli("export", "--checkpoint", str(run / "checkpoints" / "last"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(tmp_path / "m.pt"))(x).softmax(1)[0], expected, atol=1e-5)
@@ -202,6 +208,12 @@ def test_eval_uses_the_precision_the_run_validated_in(tiny_data, tmp_path):
     predicted = json.loads(run_cli("predict", "--checkpoint", str(run / "checkpoints" / "last"), "--topk", "5", "--json", str(photo)).stdout)
     got = torch.tensor([{p["class"]: p["probability"] for p in predicted[0]["predictions"]}[c] for c in cfg_classes(run)])
     assert torch.allclose(got, bf16, atol=1e-6) and (got - fp32).abs().max() > 1e-5
+    from flowerdist.data.folder import scan_folder
+    from flowerdist.inference import predict_indices  # the report's mistakes grid, likewise
+
+    index = scan_folder(tiny_data)
+    prob = predict_indices(run / "checkpoints" / "last", index, [index.files.index("roses/roses_00001.jpg")])[3]
+    assert prob == [pytest.approx(bf16.max().item(), abs=1e-6)] and abs(prob[0] - fp32.max().item()) > 1e-6
 
 
 def test_eval_every_validates_every_nth_epoch_and_the_last(tiny_data, tmp_path):
