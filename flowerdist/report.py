@@ -273,10 +273,11 @@ def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
                 flat = None if mean + half < 0 else (before if flat is None else flat)  # a later fall undoes a flat step
         r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
         floor = next((f for f in map(target_entropy, budgets[steps[-1]]) if f is not None), None)
-        losses, fall = list(by_seed(budgets[steps[-1]], lambda x: x.final_train_loss).values()), statistics.mean(diffs or [0.0])
         r["floor"] = f"{floor:.3f}" if floor is not None else "unknown (no class list)"
-        r["(loss - floor) / last fall"] = (f"{(statistics.mean(losses) - floor) / -fall:.1f}" if fall < 0 and floor is not None
-                                           else "not falling" if floor is not None else "")
+        r["(loss - floor) / last fall"] = ""  # without a floor, or without a seed at the last two budgets: no ratio
+        if floor is not None and diffs:
+            loss, fall = statistics.mean(by_seed(budgets[steps[-1]], lambda x: x.final_train_loss).values()), statistics.mean(diffs)
+            r["(loss - floor) / last fall"] = f"{(loss - floor) / -fall:.1f}" if fall < 0 else "not falling"
         rows.append(r)
     return rows
 

@@ -149,25 +149,11 @@ def test_flip_tta_is_used_alike_by_validation_eval_predict_and_export(tiny_data,
     plain = json.loads(run_cli("eval", "--checkpoint", str(run / "checkpoints" / "last"), "eval.flip=false", "--json").stdout)
     assert flipped["flip"] and flipped["confusion"] == logged["val/confusion"] and flipped["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
     assert abs(plain["loss"] - flipped["loss"]) > 1e-4
-    from flowerdist.data.transforms import eval_transform, to_model_input
-    from flowerdist.data.images import load_rgb
-    from flowerdist.inference import load_model
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    photo = tiny_data / "roses" / "roses_00001.jpg"
-    model, cfg, _, _ = load_model(run / "checkpoints" / "last")
-    x = to_model_input(eval_transform(cfg.eval_image_size)(pil_to_tensor(load_rgb(photo)))[None], torch.device("cpu"))
+    model, x = photo_input(run, tiny_data)
     with torch.no_grad():
         expected = ((model(x) + model(x.flip(-1))) / 2).softmax(1)[0]
-    predicted = json.loads(run_cli("predict", "--checkpoint", str(run / "checkpoints" / "last"), "--topk", "5", "--json", str(photo)).stdout)
-    got = {p["class"]: p["probability"] for p in predicted[0]["predictions"]}
-    assert [got[c] for c in cfg_classes(run)] == pytest.approx(expected.tolist(), abs=1e-6)
-    from flowerdist.data.folder import scan_folder
-    from flowerdist.inference import predict_indices  # the report's mistakes grid
-
-    index = scan_folder(tiny_data)
-    _, _, pred, prob = predict_indices(run / "checkpoints" / "last", index, [index.files.index("roses/roses_00001.jpg")])
-    assert pred == [int(expected.argmax())] and prob == [pytest.approx(expected.max().item(), abs=1e-6)]
+    assert predicted(run, tiny_data) == pytest.approx(expected.tolist(), abs=1e-6)
+    assert grid_predicted(run, tiny_data) == (int(expected.argmax()), pytest.approx(expected.max().item(), abs=1e-6))
     run_cli("export", "--checkpoint", str(run / "checkpoints" / "last"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(tmp_path / "m.pt"))(x).softmax(1)[0], expected, atol=1e-5)
@@ -176,6 +162,37 @@ def test_flip_tta_is_used_alike_by_validation_eval_predict_and_export(tiny_data,
 
 def cfg_classes(run):
     return [c for _, c in sorted(json.loads((run / "class_indices.json").read_text()).items(), key=lambda kv: int(kv[0]))]
+
+
+PHOTO = "roses/roses_00001.jpg"
+
+
+def photo_input(run, data):
+    """The run's last model and PHOTO as `predict` feeds it to the model."""
+    from flowerdist.data.images import load_rgb
+    from flowerdist.data.transforms import eval_transform, to_model_input
+    from flowerdist.inference import load_model
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    model, cfg, _, _ = load_model(run / "checkpoints" / "last")
+    return model, to_model_input(eval_transform(cfg.eval_image_size)(pil_to_tensor(load_rgb(data / PHOTO)))[None], torch.device("cpu"))
+
+
+def predicted(run, data) -> list[float]:
+    """`flowerdist predict`'s probabilities for PHOTO, in class order."""
+    out = json.loads(run_cli("predict", "--checkpoint", str(run / "checkpoints" / "last"), "--topk", "5", "--json", str(data / PHOTO)).stdout)
+    got = {p["class"]: p["probability"] for p in out[0]["predictions"]}
+    return [got[c] for c in cfg_classes(run)]
+
+
+def grid_predicted(run, data) -> tuple[int, float]:
+    """The report's mistakes grid's prediction for PHOTO (predict_indices): its class and probability."""
+    from flowerdist.data.folder import scan_folder
+    from flowerdist.inference import predict_indices
+
+    index = scan_folder(data)
+    _, _, pred, prob = predict_indices(run / "checkpoints" / "last", index, [index.files.index(PHOTO)])
+    return pred[0], prob[0]
 
 
 def test_eval_uses_the_precision_the_run_validated_in(tiny_data, tmp_path):
@@ -193,27 +210,16 @@ def test_eval_uses_the_precision_the_run_validated_in(tiny_data, tmp_path):
 
     convs = [p for p in load_model(run / "checkpoints" / "last")[0].parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
-    # `predict` runs in the same precision: its probabilities are the bf16 forward's, not the fp32 one's
-    from flowerdist.data.images import load_rgb
-    from flowerdist.data.transforms import eval_transform, to_model_input
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    photo = tiny_data / "roses" / "roses_00001.jpg"
-    model, cfg, _, _ = load_model(run / "checkpoints" / "last")
-    x = to_model_input(eval_transform(cfg.eval_image_size)(pil_to_tensor(load_rgb(photo)))[None], torch.device("cpu"))
+    # `predict` and the mistakes grid run in the same precision: the bf16 forward's probabilities, not the fp32 one's
+    model, x = photo_input(run, tiny_data)
     with torch.no_grad():
         fp32 = model(x).softmax(1)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(x).float().softmax(1)[0]
-    predicted = json.loads(run_cli("predict", "--checkpoint", str(run / "checkpoints" / "last"), "--topk", "5", "--json", str(photo)).stdout)
-    got = torch.tensor([{p["class"]: p["probability"] for p in predicted[0]["predictions"]}[c] for c in cfg_classes(run)])
+    got = torch.tensor(predicted(run, tiny_data))
     assert torch.allclose(got, bf16, atol=1e-6) and (got - fp32).abs().max() > 1e-5
-    from flowerdist.data.folder import scan_folder
-    from flowerdist.inference import predict_indices  # the report's mistakes grid, likewise
-
-    index = scan_folder(tiny_data)
-    prob = predict_indices(run / "checkpoints" / "last", index, [index.files.index("roses/roses_00001.jpg")])[3]
-    assert prob == [pytest.approx(bf16.max().item(), abs=1e-6)] and abs(prob[0] - fp32.max().item()) > 1e-6
+    _, prob = grid_predicted(run, tiny_data)
+    assert prob == pytest.approx(bf16.max().item(), abs=1e-6) and abs(prob - fp32.max().item()) > 1e-6
 
 
 def test_eval_every_validates_every_nth_epoch_and_the_last(tiny_data, tmp_path):

@@ -385,6 +385,9 @@ def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tm
                    "floor": "0.000", "(loss - floor) / last fall": "8.0"}  # no label smoothing: the floor is 0; 0.8 / 0.1
     # the last loss (0.71, 0.71) over the last fall (-0.00333, -0.19667): how many more such falls the floor leaves room for
     assert (r18["(loss - floor) / last fall"], r34["(loss - floor) / last fall"]) == ("213.0", "3.6")
+    unpaired = [fake_run(tmp_path, "u2", [0.0, 0.3], 0, epochs=2), fake_run(tmp_path, "u4", [0.0] * 3 + [0.5], 1, epochs=4)]
+    (row,) = loss_flattening(unpaired)  # no seed at both budgets: no fall to divide by, not "not falling"
+    assert row["20 -> 40 steps"] == "no seed at both" and row["(loss - floor) / last fall"] == ""
 
 
 def test_the_loss_floor_is_the_smoothed_targets_entropy_that_torchs_loss_reaches(tmp_path):
