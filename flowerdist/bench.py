@@ -126,14 +126,15 @@ def _row(part: str, rates: list[float], **extra) -> dict:
 
 
 def environment(device: str) -> dict:
-    import accelerate
-    import timm
-    import torchvision
+    """The machine and the versions. Those of torchvision, accelerate and timm come from the installed packages'
+    metadata: importing timm here would cost this process 3 s (torchvision and torch._dynamo with it), paid again
+    by each part in its own process."""
+    from importlib.metadata import version
 
     from flowerdist.distributed import describe_machine
 
-    return {**describe_machine(device), "python": platform.python_version(), "torchvision": torchvision.__version__,
-            "accelerate": accelerate.__version__, "timm": timm.__version__}
+    return {**describe_machine(device), "python": platform.python_version(),
+            **{name: version(name) for name in ("torchvision", "accelerate", "timm")}}
 
 
 def run_bench(args) -> dict:

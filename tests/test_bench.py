@@ -21,6 +21,7 @@ CPU_FORM = {  # bench/gpu_check.sh's own header gives this form
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_gpu_check_runs_every_step_in_its_cpu_form(tmp_path):
     """Every step of the GPU check at a tiny size, into a folder a previous check left behind (a rerun): the bench
     parts, the compiled model step, the recipe stopped by SIGTERM and resumed at its checkpoint's step, one table."""

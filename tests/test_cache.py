@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY, copy_flowers, run_cli
 from flowerdist.data.cache import _estimated_bytes, cache_key, open_cache
 from flowerdist.data.dataset import FlowerDataset
 from flowerdist.data.folder import scan_folder
@@ -81,7 +80,7 @@ def test_the_short_side_shrinks_larger_photos_and_keeps_smaller_ones(tmp_path):
 
 def test_changed_folder_gets_a_new_cache(tiny_data, tmp_path):
     folder = tmp_path / "flowers"
-    shutil.copytree(tiny_data, folder)
+    copy_flowers(tiny_data, folder)
     index = scan_folder(folder)
     first = open_cache(index, 64, tmp_path / "cache", build=True, **SILENT).folder
     assert open_cache(index, 64, tmp_path / "cache", build=False).folder == first  # reused, not rebuilt
@@ -126,7 +125,7 @@ def test_the_gpu_data_paths_train_the_cpu_paths_weights(tiny_data, tmp_path):
 
 def test_a_failed_build_leaves_nothing_behind(tiny_data, tmp_path):
     folder = tmp_path / "flowers"
-    shutil.copytree(tiny_data, folder)
+    copy_flowers(tiny_data, folder)
     index = scan_folder(folder)
     (folder / index.files[-1]).write_bytes(b"not a jpeg")  # decoding fails at the last image
     with pytest.raises(OSError):

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, copy_flowers, run_cli
 from flowerdist.data.images import load_rgb
 
 
@@ -275,7 +275,7 @@ def test_download_into_a_file_is_one_line(tmp_path):
 
 def test_check_report_escapes_names_and_summarises_by_reason(tiny_data, tmp_path):
     root = tmp_path / "many"
-    shutil.copytree(tiny_data, root)
+    copy_flowers(tiny_data, root)
     for i in range(300):
         (root / "daisy" / f"empty_{i:03d}.jpg").write_bytes(b"")
     (root / "roses" / "forged\n  skipped x.jpg: ok.jpg").write_text("not a picture")
@@ -288,7 +288,7 @@ def test_check_report_escapes_names_and_summarises_by_reason(tiny_data, tmp_path
 
 def test_unreadable_files_say_permission(tiny_data, tmp_path):
     root = tmp_path / "perm"
-    shutil.copytree(tiny_data, root)
+    copy_flowers(tiny_data, root)
     locked = root / "daisy" / "daisy_00000.jpg"
     locked.chmod(0)
     # root reads anything; drop the capabilities that let it, so the check meets a real permission error

@@ -49,9 +49,13 @@ def test_every_readme_command_names_files_that_exist():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quick_start_and_using_it_run_as_typed(tmp_path):
     """The blocks as a user runs them after cloning: `make train`, `source .venv/bin/activate`, then every Using-it
     line, each in the same shell. `make test` is this suite itself, so it is the one line left out."""
+    if (REPO / ".venv").exists() and subprocess.run(["make", "-q", "setup"], cwd=REPO).returncode != 0:
+        pytest.fail("pyproject.toml is newer than .venv's install: run `make setup` first (the clone shares .venv, and its "
+                    "`make train` would reinstall flowerdist there from this test's temporary folder)", pytrace=False)
     clone = tmp_path / "clone"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for rel in files.split():

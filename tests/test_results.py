@@ -12,10 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import TINY, run_cli
+from conftest import TINY, on_one_worker, run_cli
 from wandb_offline import history
 
-pytestmark = pytest.mark.slow
+# one worker for the module: `three_runs` (three trainings, about 12 s of a core) is then built once, not per worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("results")]
 
 
 def short_run(data, run, *extra):
@@ -25,8 +26,9 @@ def short_run(data, run, *extra):
 
 
 @pytest.fixture(scope="module")
-def three_runs(tiny_data, tmp_path_factory):
+def three_runs(tiny_data, tmp_path_factory, pytestconfig):
     """Two seeds of one config and one other config."""
+    on_one_worker(tmp_path_factory, pytestconfig, "results")
     root = tmp_path_factory.mktemp("report_runs")
     return [short_run(tiny_data, root / "seed0", "train.seed=0"), short_run(tiny_data, root / "seed1", "train.seed=1"),
             short_run(tiny_data, root / "resnet", "model.name=resnet18", "data.image_size=32", "model.shortcut=A",
@@ -229,8 +231,9 @@ def test_report_gives_the_test_accuracy_and_its_paired_interval(three_runs, tmp_
 def test_mistakes_grid_is_skipped_with_a_note_without_the_data(three_runs, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(three_runs[0], moved)
-    config = (moved / "config.yaml").read_text().replace(str(three_runs[0].parent.parent), str(tmp_path / "gone"))
-    (moved / "config.yaml").write_text(config)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["data"]["root"] = str(tmp_path / "gone")  # the photos it trained on are no longer there
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
     out = run_cli("report", str(moved)).stdout
     assert "no mistakes grid for moved: its data folder" in out
     assert not (moved / "report" / "mistakes-moved.png").exists() and (moved / "report" / "confusion-moved.png").is_file()

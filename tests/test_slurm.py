@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import run_cli  # noqa: E402
+from conftest import on_one_worker, run_cli  # noqa: E402
 from slurm_cluster import ClusterInfo, can_run_slurm, slurm_cluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _OK, reason=_WHY), pytest
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> ClusterInfo:
+def cluster(tmp_path_factory, pytestconfig) -> ClusterInfo:
+    on_one_worker(tmp_path_factory, pytestconfig, "slurm")
     with slurm_cluster(tmp_path_factory.mktemp("slurm"), nodes=2) as info:
         yield info
 
