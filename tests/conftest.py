@@ -55,6 +55,8 @@ def run_cli(*args: str, check: bool = True, threads: int | None = None) -> subpr
             code = main([str(a) for a in args])
     finally:
         os.chdir(cwd)
+        if "wandb" in sys.modules:  # W&B's service may still be writing an offline run's file after finish() returns
+            sys.modules["wandb"].teardown()  # (seen: a test read 4 of its 6 images); this waits for it, then stops it
         # W&B publishes its service socket here; a process started later would inherit it and share our
         # service (a run it leaves behind when killed then stays "in use" for the resumed one).
         os.environ.pop("WANDB_SERVICE", None)
