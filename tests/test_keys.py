@@ -120,8 +120,10 @@ def test_a_test_folder_is_held_out_of_training_and_evaluated_at_the_end(tiny_dat
     evaluated on all of it at the end, as `flowerdist eval data.root=TEST` evaluates them."""
     import shutil
 
+    from flowerdist.data.folder import scan_folder
+
     test = tmp_path / "test"
-    for cls in sorted(p.name for p in tiny_data.iterdir() if p.is_dir()):
+    for cls in scan_folder(tiny_data).classes:  # the class folders, not the hidden image cache beside them
         (test / cls).mkdir(parents=True)
         for f in sorted((tiny_data / cls).glob("*.jpg"))[:3]:
             shutil.copy(f, test / cls / f.name.replace(".jpg", ".jpeg"))  # another extension: matched by name
