@@ -106,7 +106,7 @@ def _download(args) -> None:
 def _report(args) -> None:
     from flowerdist.report import write_report
 
-    write_report(args.runs, args.out, baseline=args.baseline, per_run=args.per_run, records=args.save_records)
+    write_report(args.runs, args.out, baseline=args.baseline, per_run=args.per_run, records=args.save_records, flat_margin=args.flat_margin)
 
 
 def _export(args) -> None:
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each run's confusion matrix and mistakes grid (default: with at most 6 runs)")
     p.add_argument("--save-records", metavar="DIR", help="also copy each run's record (config, metrics, result: no weights) "
                    "to DIR/<run folder>, to keep or commit; report reads a record like a run directory")
+    p.add_argument("--flat-margin", dest="flat_margin", type=float, default=0.02, metavar="LOSS",
+                   help="a budget step (a doubling) that is shown to lower the final training loss by less than this has "
+                   "flattened it (default 0.02)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("export", help="the run's best weights as ONNX or TorchScript, with its preprocessing and a parity check")

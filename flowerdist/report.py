@@ -254,13 +254,18 @@ def target_entropy(run: Run) -> float | None:
     return -(top * math.log(top) + (k - 1) * rest * math.log(rest))
 
 
-def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
+FLAT_MARGIN = 0.02  # a doubling that lowers the loss by less than this has flattened it (falls here were 0.10-0.15)
+
+
+def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[dict[str, str]]:
     """A row per network: the change of its final training loss from each budget to the next, paired by seed, with a
-    95% t interval, and the first budget from which the loss is no longer shown to fall (the next budget's change has
-    an interval reaching 0 or above, and so has every later one). That is the budget a comparison of networks needs:
-    below it, one network may only be ahead because it trains faster. One seed at both budgets gives the change and
-    no verdict. The loss cannot fall below its targets' entropy (the floor), so a loss still falling can only repeat
-    its last fall (loss - floor) / fall more times: its curve bends within that many more budget steps."""
+    95% t interval, and the first budget from which the loss is shown to have flattened: the next budget's change
+    has an interval wholly above -margin (it falls by less than `margin`, or rises), and so has every later one.
+    That is the budget a comparison of networks needs: below it, one network may only be ahead because it trains
+    faster. An interval that merely reaches 0 is not enough: two or three seeds give wide intervals, which would
+    call a falling loss flat for want of seeds. One seed at both budgets gives the change and no verdict. The loss
+    cannot fall below its targets' entropy (the floor), so a loss still falling can only repeat its last fall
+    (loss - floor) / fall more times: its curve bends within that many more budget steps."""
     rows = []
     for name, budgets in budget_families(runs).items():
         r, flat, diffs = {"network": name}, None, []
@@ -270,7 +275,7 @@ def loss_flattening(runs: Sequence[Run]) -> list[dict[str, str]]:
             r[f"{before} -> {after} steps"] = interval(diffs) if len(diffs) > 1 else f"{diffs[0]:+.3f} (one seed)" if diffs else "no seed at both"
             if len(diffs) > 1:
                 mean, half = mean_ci(diffs)
-                flat = None if mean + half < 0 else (before if flat is None else flat)  # a later fall undoes a flat step
+                flat = None if mean - half < -margin else (before if flat is None else flat)  # a later fall undoes a flat step
         r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
         floor = next((f for f in map(target_entropy, budgets[steps[-1]]) if f is not None), None)
         r["floor"] = f"{floor:.3f}" if floor is not None else "unknown (no class list)"
@@ -414,11 +419,14 @@ def save_records(runs: Sequence[Run], dest: str | Path, log=print) -> None:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log=print, baseline: str | None = None,
-                 per_run: bool | None = None, records: str | Path | None = None) -> Path:
+                 per_run: bool | None = None, records: str | Path | None = None, flat_margin: float = FLAT_MARGIN) -> Path:
     """report.md and its PNG figures in `out`; returns the report's path. `per_run`: each run's confusion matrix and
-    mistakes grid (default: when there are at most 6 runs). `records`: also save the runs' records there."""
+    mistakes grid (default: when there are at most 6 runs). `records`: also save the runs' records there.
+    `flat_margin`: the fall of the training loss per budget step below which a network has flattened."""
     from flowerdist import figures
 
+    if not flat_margin >= 0:
+        raise FlowerdistError(f"--flat-margin {flat_margin}: give the largest loss fall per budget step that counts as flat, 0 or more (default {FLAT_MARGIN})")
     runs = [load_run(p) for p in paths]
     if records:
         save_records(runs, records, log)
@@ -452,10 +460,11 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f} (loss {loss:.3f}, n={n})" for steps, m, h, loss, _, n in points}}
                                   for name, points in curves.items()]), ""]
         lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
-                  "no longer falls (its interval reaches 0): where a comparison of the networks needs to be made. The floor is the "
+                  f"has flattened (every later change's interval lies above -{flat_margin:g}: each doubling is shown to lower the loss by "
+                  "less than that): where a comparison of the networks needs to be made. The floor is the "
                   "lowest loss the targets allow (their entropy under label smoothing); a loss still falling can repeat its last fall "
                   "only (loss - floor) / fall more times, so its curve bends within that many more budget steps:", ""]
-        lines += [markdown_table(loss_flattening(runs)), ""]
+        lines += [markdown_table(loss_flattening(runs, flat_margin)), ""]
     names = {r.name for r in runs}  # two runs called `run` in different folders are labelled with their parent too
     label = {id(r): (r.name if len(names) == len(runs) else f"{r.path.parent.name}/{r.name}") for r in runs}
     with_data = [r for r in runs if r.events]

@@ -374,16 +374,25 @@ def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tm
         return [fake_run(tmp_path, f"{model}-{e}-{s}", [0.0] * (e - 1) + [1 - loss], s, epochs=e, model=model)
                 for e, losses in losses_by_epochs.items() for s, loss in enumerate(losses)]
 
-    runs = (network("resnet18", {2: (0.90, 0.92, 0.91), 4: (0.70, 0.73, 0.71), 8: (0.69, 0.74, 0.70)})  # falls, then flat
-            + network("resnet34", {2: (0.90, 0.92, 0.91), 4: (0.91, 0.91, 0.90), 8: (0.70, 0.71, 0.72)})  # flat, then falls again
-            + network("resnet50", {2: (0.9,), 4: (0.8,)}))  # one seed: a change, no verdict
+    runs = (network("resnet18", {2: (0.90, 0.92, 0.91), 4: (0.70, 0.73, 0.71), 8: (0.69, 0.74, 0.70)})  # falls, then about flat
+            + network("resnet34", {2: (0.90, 0.92, 0.91), 4: (0.91, 0.91, 0.90), 8: (0.70, 0.71, 0.72)})  # about flat, then falls again
+            + network("resnet50", {2: (0.9,), 4: (0.8,)})  # one seed: a change, no verdict
+            + network("resnet101", {2: (0.90, 0.80), 4: (0.80, 0.60)}))  # two seeds, both falling: an interval far wider than the falls
     rows = {r["network"]: r for r in loss_flattening(runs)}
-    r18, r34, r50 = rows["resnet18 (shortcut B)"], rows["resnet34 (shortcut B)"], rows["resnet50 (shortcut B)"]
+    r18, r34, r50, r101 = (rows[f"resnet{d} (shortcut B)"] for d in (18, 34, 50, 101))
     # 20 -> 40 steps: changes -0.20, -0.19, -0.20: mean -0.19667, sd 0.00577, t(2) 4.303 -> half-width 0.01434;
-    # 40 -> 80: -0.01, +0.01, -0.01: mean -0.00333, sd 0.01155 -> half-width 0.02869, reaching 0: flat
+    # 40 -> 80: -0.01, +0.01, -0.01: mean -0.00333, sd 0.01155 -> half-width 0.02869: [-0.032, +0.025] reaches 0,
+    # but leaves room for a fall of 0.032, more than the default margin of 0.02: not shown to be flat
     assert r18["20 -> 40 steps"] == "-0.197 [-0.211, -0.182] (n=3)"
-    assert r18["40 -> 80 steps"] == "-0.003 [-0.032, +0.025] (n=3)" and r18["flat from"] == "40 steps"
-    assert r34["flat from"] == "not shown by 80 steps"  # a flat step followed by a fall is not flattened
+    assert r18["40 -> 80 steps"] == "-0.003 [-0.032, +0.025] (n=3)" and r18["flat from"] == "not shown by 80 steps"
+    # two seeds falling by 0.10 and 0.20: t(1) 12.706 makes [-0.785, +0.485], which reaches 0: a falling loss
+    # that "no longer falls for certain" would be called flat for want of seeds
+    assert r101["20 -> 40 steps"] == "-0.150 [-0.785, +0.485] (n=2)" and r101["flat from"] == "not shown by 40 steps"
+    assert r34["flat from"] == "not shown by 80 steps"
+    wide = {r["network"]: r for r in loss_flattening(runs, margin=0.05)}  # falls under 0.05 count as flat
+    assert wide["resnet18 (shortcut B)"]["flat from"] == "40 steps"
+    assert wide["resnet34 (shortcut B)"]["flat from"] == "not shown by 80 steps"  # a flat step followed by a fall is not flattened
+    assert wide["resnet101 (shortcut B)"]["flat from"] == "not shown by 40 steps"
     assert r50 == {"network": "resnet50 (shortcut B)", "20 -> 40 steps": "-0.100 (one seed)", "flat from": "not shown by 40 steps",
                    "floor": "0.000", "(loss - floor) / last fall": "8.0"}  # no label smoothing: the floor is 0; 0.8 / 0.1
     # the last loss (0.71, 0.71) over the last fall (-0.00333, -0.19667): how many more such falls the floor leaves room for
@@ -429,6 +438,13 @@ def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories
     assert column == "final acc - epochs=2 (95% CI, paired by seed)"  # the baseline cell's name less its seed
     assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=2)" in sorted(r[column] for r in rows)[0]
     assert not list(out.glob("mistakes-*.png")) == (len(runs) <= 6)  # per-run figures only for a few runs (4 here: yes)
+    flattening = next(line for line in text.splitlines() if line.startswith("| seed_resnet | -0."))
+    assert flattening.split(" | ")[2] == "not shown by 20 steps"  # one epoch more lowers this loss by more than 0.02
+    run_cli("report", *map(str, runs), "--out", str(out), "--no-per-run", "--flat-margin", "5")
+    text = (out / "report.md").read_text()  # with a margin above any fall, the first budget step is flat
+    assert "interval lies above -5:" in text and next(line for line in text.splitlines() if line.startswith("| seed_resnet | -0.")).split(" | ")[2] == "10 steps"
+    proc = run_cli("report", *map(str, runs), "--flat-margin", "-0.1", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--flat-margin -0.1: give the largest loss fall" in proc.stderr
 
 
 def test_per_class_bars_keep_their_width_beside_long_run_names():
