@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-records", metavar="DIR", help="also copy each run's record (config, metrics, result: no weights) "
                    "to DIR/<run folder>, to keep or commit; report reads a record like a run directory")
     p.add_argument("--flat-margin", dest="flat_margin", type=float, default=0.02, metavar="LOSS",
-                   help="a budget step (a doubling) that is shown to lower the final training loss by less than this has "
+                   help="a step to the next budget (a doubling, say) that is shown to lower the final training loss by less than this has "
                    "flattened it (default 0.02)")
     p.set_defaults(func=_report)
 

@@ -460,7 +460,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
         lines += [markdown_table([{"network": name, **{f"{steps} steps": f"{m:.3f} ± {h:.3f} (loss {loss:.3f}, n={n})" for steps, m, h, loss, _, n in points}}
                                   for name, points in curves.items()]), ""]
         lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
-                  f"has flattened (every later change's interval lies above -{flat_margin:g}: each doubling is shown to lower the loss by "
+                  f"has flattened (every later change's interval lies above -{flat_margin:g}: each later budget step is shown to lower the loss by "
                   "less than that): where a comparison of the networks needs to be made. The floor is the "
                   "lowest loss the targets allow (their entropy under label smoothing); a loss still falling can repeat its last fall "
                   "only (loss - floor) / fall more times, so its curve bends within that many more budget steps:", ""]
