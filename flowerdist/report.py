@@ -263,7 +263,10 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
     has an interval wholly above -margin (it falls by less than `margin`, or rises), and so has every later one.
     That is the budget a comparison of networks needs: below it, one network may only be ahead because it trains
     faster. An interval that merely reaches 0 is not enough: two or three seeds give wide intervals, which would
-    call a falling loss flat for want of seeds. One seed at both budgets gives the change and no verdict. The loss
+    call a falling loss flat for want of seeds. One seed at both budgets gives the change and no verdict, but it can
+    contradict one: a later one-seed step that falls by more than `margin` undoes an earlier flat verdict (a probe
+    of the next budget, run once, that still lowers the loss says it has not flattened; one that does not lower it
+    leaves the verdict to the steps that have intervals). The loss
     cannot fall below its targets' entropy (the floor), so a loss still falling can only repeat its last fall
     (loss - floor) / fall more times: its curve bends within that many more budget steps."""
     rows = []
@@ -276,6 +279,8 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
             if len(diffs) > 1:
                 mean, half = mean_ci(diffs)
                 flat = None if mean - half < -margin else (before if flat is None else flat)  # a later fall undoes a flat step
+            elif diffs and diffs[0] < -margin:
+                flat = None  # one seed cannot show a budget flat, but its fall contradicts an earlier verdict
         r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
         floor = next((f for f in map(target_entropy, budgets[steps[-1]]) if f is not None), None)
         r["floor"] = f"{floor:.3f}" if floor is not None else "unknown (no class list)"
@@ -461,7 +466,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
                                   for name, points in curves.items()]), ""]
         lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
                   f"has flattened (every later change's interval lies above -{flat_margin:g}: each later budget step is shown to lower the loss by "
-                  "less than that): where a comparison of the networks needs to be made. The floor is the "
+                  "less than that; a later step with one seed undoes it by falling more): where a comparison of the networks needs to be made. The floor is the "
                   "lowest loss the targets allow (their entropy under label smoothing); a loss still falling can repeat its last fall "
                   "only (loss - floor) / fall more times, so its curve bends within that many more budget steps:", ""]
         lines += [markdown_table(loss_flattening(runs, flat_margin)), ""]

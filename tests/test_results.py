@@ -370,14 +370,16 @@ def test_budget_curves_join_the_budgets_of_one_network(tmp_path):
 def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tmp_path):
     from flowerdist.report import loss_flattening
 
-    def network(model, losses_by_epochs):  # {epochs: the final training loss of seeds 0, 1, 2}
-        return [fake_run(tmp_path, f"{model}-{e}-{s}", [0.0] * (e - 1) + [1 - loss], s, epochs=e, model=model)
+    def network(model, losses_by_epochs, shortcut="B"):  # {epochs: the final training loss of seeds 0, 1, 2}
+        return [fake_run(tmp_path, f"{model}{shortcut}-{e}-{s}", [0.0] * (e - 1) + [1 - loss], s, epochs=e, model=model, shortcut=shortcut)
                 for e, losses in losses_by_epochs.items() for s, loss in enumerate(losses)]
 
     runs = (network("resnet18", {2: (0.90, 0.92, 0.91), 4: (0.70, 0.73, 0.71), 8: (0.69, 0.74, 0.70)})  # falls, then about flat
             + network("resnet34", {2: (0.90, 0.92, 0.91), 4: (0.91, 0.91, 0.90), 8: (0.70, 0.71, 0.72)})  # about flat, then falls again
             + network("resnet50", {2: (0.9,), 4: (0.8,)})  # one seed: a change, no verdict
-            + network("resnet101", {2: (0.90, 0.80), 4: (0.80, 0.60)}))  # two seeds, both falling: an interval far wider than the falls
+            + network("resnet101", {2: (0.90, 0.80), 4: (0.80, 0.60)})  # two seeds, both falling: an interval far wider than the falls
+            + network("resnet152", {2: (0.70, 0.73, 0.71), 4: (0.71, 0.73, 0.72), 8: (0.60,)})  # flat, then a one-seed probe falls
+            + network("resnet152", {2: (0.70, 0.73, 0.71), 4: (0.71, 0.73, 0.72), 8: (0.75,)}, shortcut="C"))  # ... or rises
     rows = {r["network"]: r for r in loss_flattening(runs)}
     r18, r34, r50, r101 = (rows[f"resnet{d} (shortcut B)"] for d in (18, 34, 50, 101))
     # 20 -> 40 steps: changes -0.20, -0.19, -0.20: mean -0.19667, sd 0.00577, t(2) 4.303 -> half-width 0.01434;
@@ -397,6 +399,11 @@ def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tm
                    "floor": "0.000", "(loss - floor) / last fall": "8.0"}  # no label smoothing: the floor is 0; 0.8 / 0.1
     # the last loss (0.71, 0.71) over the last fall (-0.00333, -0.19667): how many more such falls the floor leaves room for
     assert (r18["(loss - floor) / last fall"], r34["(loss - floor) / last fall"]) == ("213.0", "3.6")
+    # 20 -> 40: +0.01, 0, +0.01: [-0.008, +0.021], above -0.02: flat; the one-seed step 40 -> 80 then falls by 0.11 (undone)
+    probe_falls, probe_rises = rows["resnet152 (shortcut B)"], rows["resnet152 (shortcut C)"]
+    assert probe_falls["20 -> 40 steps"] == "+0.007 [-0.008, +0.021] (n=3)" and probe_falls["40 -> 80 steps"] == "-0.110 (one seed)"
+    assert probe_falls["flat from"] == "not shown by 80 steps"
+    assert probe_rises["40 -> 80 steps"] == "+0.040 (one seed)" and probe_rises["flat from"] == "20 steps"
     unpaired = [fake_run(tmp_path, "u2", [0.0, 0.3], 0, epochs=2), fake_run(tmp_path, "u4", [0.0] * 3 + [0.5], 1, epochs=4)]
     (row,) = loss_flattening(unpaired)  # no seed at both budgets: no fall to divide by, not "not falling"
     assert row["20 -> 40 steps"] == "no seed at both" and row["(loss - floor) / last fall"] == ""
