@@ -255,6 +255,7 @@ def target_entropy(run: Run) -> float | None:
 
 
 FLAT_MARGIN = 0.02  # a doubling that lowers the loss by less than this has flattened it (falls here were 0.10-0.15)
+FLAT_MIN_SEEDS = 3  # for a verdict: plain-34's first two seeds (+0.034, +0.032) gave [+0.020, +0.046], its third -0.086
 
 
 def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[dict[str, str]]:
@@ -263,10 +264,12 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
     has an interval wholly above -margin (it falls by less than `margin`, or rises), and so has every later one.
     That is the budget a comparison of networks needs: below it, one network may only be ahead because it trains
     faster. An interval that merely reaches 0 is not enough: two or three seeds give wide intervals, which would
-    call a falling loss flat for want of seeds. One seed at both budgets gives the change and no verdict, but it can
-    contradict one: a later one-seed step that falls by more than `margin` undoes an earlier flat verdict (a probe
-    of the next budget, run once, that still lowers the loss says it has not flattened; one that does not lower it
-    leaves the verdict to the steps that have intervals). The loss
+    call a falling loss flat for want of seeds. Nor can two seeds give a verdict: their interval's half-width is
+    6.4 times their one difference, narrow whenever the two happen to agree. Fewer than FLAT_MIN_SEEDS seeds at both
+    budgets give the change and no verdict, but they can contradict one: a later step whose interval reaches below
+    -margin (one seed: whose change does) undoes an earlier flat verdict (a probe of the next budget that still
+    lowers the loss says it has not flattened; one that does not lower it leaves the verdict to the steps that can
+    give one). The loss
     cannot fall below its targets' entropy (the floor), so a loss still falling can only repeat its last fall
     (loss - floor) / fall more times: its curve bends within that many more budget steps."""
     rows = []
@@ -278,7 +281,10 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
             r[f"{before} -> {after} steps"] = interval(diffs) if len(diffs) > 1 else f"{diffs[0]:+.3f} (one seed)" if diffs else "no seed at both"
             if len(diffs) > 1:
                 mean, half = mean_ci(diffs)
-                flat = None if mean - half < -margin else (before if flat is None else flat)  # a later fall undoes a flat step
+                if mean - half < -margin:
+                    flat = None  # a later fall undoes a flat step
+                elif flat is None and len(diffs) >= FLAT_MIN_SEEDS:
+                    flat = before
             elif diffs and diffs[0] < -margin:
                 flat = None  # one seed cannot show a budget flat, but its fall contradicts an earlier verdict
         r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
@@ -466,7 +472,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
                                   for name, points in curves.items()]), ""]
         lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
                   f"has flattened (every later change's interval lies above -{flat_margin:g}: each later budget step is shown to lower the loss by "
-                  "less than that; a later step with one seed undoes it by falling more): where a comparison of the networks needs to be made. The floor is the "
+                  f"less than that, over {FLAT_MIN_SEEDS} seeds or more; a later step with fewer seeds undoes it by falling more): where a comparison of the networks needs to be made. The floor is the "
                   "lowest loss the targets allow (their entropy under label smoothing); a loss still falling can repeat its last fall "
                   "only (loss - floor) / fall more times, so its curve bends within that many more budget steps:", ""]
         lines += [markdown_table(loss_flattening(runs, flat_margin)), ""]

@@ -379,7 +379,8 @@ def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tm
             + network("resnet50", {2: (0.9,), 4: (0.8,)})  # one seed: a change, no verdict
             + network("resnet101", {2: (0.90, 0.80), 4: (0.80, 0.60)})  # two seeds, both falling: an interval far wider than the falls
             + network("resnet152", {2: (0.70, 0.73, 0.71), 4: (0.71, 0.73, 0.72), 8: (0.60,)})  # flat, then a one-seed probe falls
-            + network("resnet152", {2: (0.70, 0.73, 0.71), 4: (0.71, 0.73, 0.72), 8: (0.75,)}, shortcut="C"))  # ... or rises
+            + network("resnet152", {2: (0.70, 0.73, 0.71), 4: (0.71, 0.73, 0.72), 8: (0.75,)}, shortcut="C")  # ... or rises
+            + network("resnet34", {2: (1.163, 1.335), 4: (1.197, 1.367)}, shortcut="none"))  # plain-34's first two seeds, 64 -> 128 epochs
     rows = {r["network"]: r for r in loss_flattening(runs)}
     r18, r34, r50, r101 = (rows[f"resnet{d} (shortcut B)"] for d in (18, 34, 50, 101))
     # 20 -> 40 steps: changes -0.20, -0.19, -0.20: mean -0.19667, sd 0.00577, t(2) 4.303 -> half-width 0.01434;
@@ -404,6 +405,9 @@ def test_loss_flattening_names_the_budget_from_which_the_loss_no_longer_falls(tm
     assert probe_falls["20 -> 40 steps"] == "+0.007 [-0.008, +0.021] (n=3)" and probe_falls["40 -> 80 steps"] == "-0.110 (one seed)"
     assert probe_falls["flat from"] == "not shown by 80 steps"
     assert probe_rises["40 -> 80 steps"] == "+0.040 (one seed)" and probe_rises["flat from"] == "20 steps"
+    # two seeds that agree (+0.034, +0.032) give a narrow interval above -0.02 and no verdict: plain-34's third seed fell by 0.086
+    two_agree = rows["resnet34 (plain)"]
+    assert two_agree["20 -> 40 steps"] == "+0.033 [+0.020, +0.046] (n=2)" and two_agree["flat from"] == "not shown by 40 steps"
     unpaired = [fake_run(tmp_path, "u2", [0.0, 0.3], 0, epochs=2), fake_run(tmp_path, "u4", [0.0] * 3 + [0.5], 1, epochs=4)]
     (row,) = loss_flattening(unpaired)  # no seed at both budgets: no fall to divide by, not "not falling"
     assert row["20 -> 40 steps"] == "no seed at both" and row["(loss - floor) / last fall"] == ""
@@ -434,16 +438,16 @@ def test_the_loss_floor_is_the_smoothed_targets_entropy_that_torchs_loss_reaches
 @pytest.mark.slow
 def test_report_draws_the_budget_plot_and_the_paired_column_from_run_directories(tiny_data, tmp_path):
     runs = [short_run(tiny_data, tmp_path / f"seed={s},epochs={e}", f"train.seed={s}", f"train.epochs={e}", "train.max_steps=0")
-            for e in (1, 2) for s in (0, 1)]  # named as sweep cells are
+            for e in (1, 2) for s in (0, 1, 2)]  # named as sweep cells are; three seeds, the fewest a flat verdict takes
     out = tmp_path / "rep"
     run_cli("report", *map(str, runs), "--out", str(out), "--baseline", "epochs=2")
     text = (out / "report.md").read_text()
-    assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and ", n=2)" in text
+    assert (out / "budget.png").is_file() and "Accuracy against the training budget" in text and ", n=3)" in text
     assert "| network | 10 -> 20 steps | flat from | floor | (loss - floor) / last fall |\n| --- | --- | --- | --- | --- |\n| seed_resnet | -0." in text  # the loss change, paired by seed
     rows = table(out / "report.md")
     column = next(k for k in rows[0] if k.startswith("final acc - "))
     assert column == "final acc - epochs=2 (95% CI, paired by seed)"  # the baseline cell's name less its seed
-    assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=2)" in sorted(r[column] for r in rows)[0]
+    assert sorted(r[column] for r in rows)[-1] == "baseline" and "(n=3)" in sorted(r[column] for r in rows)[0]
     assert not list(out.glob("mistakes-*.png")) == (len(runs) <= 6)  # per-run figures only for a few runs (4 here: yes)
     flattening = next(line for line in text.splitlines() if line.startswith("| seed_resnet | -0."))
     assert flattening.split(" | ")[2] == "not shown by 20 steps"  # one epoch more lowers this loss by more than 0.02
