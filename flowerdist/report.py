@@ -255,7 +255,7 @@ def target_entropy(run: Run) -> float | None:
 
 
 FLAT_MARGIN = 0.02  # a doubling that lowers the loss by less than this has flattened it (falls here were 0.10-0.15)
-FLAT_MIN_SEEDS = 3  # for a verdict: plain-34's first two seeds (+0.034, +0.032) gave [+0.020, +0.046], its third -0.086
+FLAT_MIN_SEEDS = 3  # for a verdict: plain-34's first two seeds (+0.034, +0.032) gave [+0.021, +0.046], its third -0.086
 
 
 def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[dict[str, str]]:
@@ -279,14 +279,11 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
         for before, after in zip(steps, steps[1:]):
             diffs = paired_diffs(budgets[after], budgets[before], lambda x: x.final_train_loss)
             r[f"{before} -> {after} steps"] = interval(diffs) if len(diffs) > 1 else f"{diffs[0]:+.3f} (one seed)" if diffs else "no seed at both"
-            if len(diffs) > 1:
-                mean, half = mean_ci(diffs)
-                if mean - half < -margin:
-                    flat = None  # a later fall undoes a flat step
-                elif flat is None and len(diffs) >= FLAT_MIN_SEEDS:
-                    flat = before
-            elif diffs and diffs[0] < -margin:
-                flat = None  # one seed cannot show a budget flat, but its fall contradicts an earlier verdict
+            mean, half = mean_ci(diffs) if diffs else (0.0, 0.0)  # one seed: its change, half-width 0
+            if mean - half < -margin:
+                flat = None  # a later fall undoes a flat step, whatever its seeds
+            elif flat is None and len(diffs) >= FLAT_MIN_SEEDS:
+                flat = before
         r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
         floor = next((f for f in map(target_entropy, budgets[steps[-1]]) if f is not None), None)
         r["floor"] = f"{floor:.3f}" if floor is not None else "unknown (no class list)"
@@ -472,7 +469,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
                                   for name, points in curves.items()]), ""]
         lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
                   f"has flattened (every later change's interval lies above -{flat_margin:g}: each later budget step is shown to lower the loss by "
-                  f"less than that, over {FLAT_MIN_SEEDS} seeds or more; a later step with fewer seeds undoes it by falling more): where a comparison of the networks needs to be made. The floor is the "
+                  f"less than that, over {FLAT_MIN_SEEDS} seeds or more; a later step with fewer seeds whose change or interval reaches below -{flat_margin:g} undoes that): where a comparison of the networks needs to be made. The floor is the "
                   "lowest loss the targets allow (their entropy under label smoothing); a loss still falling can repeat its last fall "
                   "only (loss - floor) / fall more times, so its curve bends within that many more budget steps:", ""]
         lines += [markdown_table(loss_flattening(runs, flat_margin)), ""]
