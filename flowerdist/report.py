@@ -269,12 +269,14 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
     budgets give the change and no verdict, but they can contradict one: a later step whose interval reaches below
     -margin (one seed: whose change does) undoes an earlier flat verdict (a probe of the next budget that still
     lowers the loss says it has not flattened; one that does not lower it leaves the verdict to the steps that can
-    give one). The loss
+    give one). Where the last step, over FLAT_MIN_SEEDS seeds or more, has an interval wholly below -margin, the
+    verdict is the opposite one, "still falling": the budget is shown too small, and more seeds would not change
+    that (the other "not shown" wants more seeds or a larger budget). The loss
     cannot fall below its targets' entropy (the floor), so a loss still falling can only repeat its last fall
     (loss - floor) / fall more times: its curve bends within that many more budget steps."""
     rows = []
     for name, budgets in budget_families(runs).items():
-        r, flat, diffs = {"network": name}, None, []
+        r, flat, diffs, mean, half = {"network": name}, None, [], 0.0, 0.0
         steps = list(budgets)
         for before, after in zip(steps, steps[1:]):
             diffs = paired_diffs(budgets[after], budgets[before], lambda x: x.final_train_loss)
@@ -284,7 +286,8 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
                 flat = None  # a later fall undoes a flat step, whatever its seeds
             elif flat is None and len(diffs) >= FLAT_MIN_SEEDS:
                 flat = before
-        r["flat from"] = f"{flat} steps" if flat is not None else f"not shown by {steps[-1]} steps"
+        falling = len(diffs) >= FLAT_MIN_SEEDS and mean + half < -margin  # the last step: shown to fall by more
+        r["flat from"] = f"{flat} steps" if flat is not None else f"still falling at {steps[-1]} steps" if falling else f"not shown by {steps[-1]} steps"
         floor = next((f for f in map(target_entropy, budgets[steps[-1]]) if f is not None), None)
         r["floor"] = f"{floor:.3f}" if floor is not None else "unknown (no class list)"
         r["(loss - floor) / last fall"] = ""  # without a floor, or without a seed at the last two budgets: no ratio
@@ -469,7 +472,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, log
                                   for name, points in curves.items()]), ""]
         lines += ["Change of the final training loss from one budget to the next, paired by seed (95% CI), and the budget from which it "
                   f"has flattened (every later change's interval lies above -{flat_margin:g}: each later budget step is shown to lower the loss by "
-                  f"less than that, over {FLAT_MIN_SEEDS} seeds or more; a later step with fewer seeds whose change or interval reaches below -{flat_margin:g} undoes that): where a comparison of the networks needs to be made. The floor is the "
+                  f"less than that, over {FLAT_MIN_SEEDS} seeds or more; a later step with fewer seeds whose change or interval reaches below -{flat_margin:g} undoes that; 'still falling' where the last step, over as many seeds, is shown to lower it by more): where a comparison of the networks needs to be made. The floor is the "
                   "lowest loss the targets allow (their entropy under label smoothing); a loss still falling can repeat its last fall "
                   "only (loss - floor) / fall more times, so its curve bends within that many more budget steps:", ""]
         lines += [markdown_table(loss_flattening(runs, flat_margin)), ""]
