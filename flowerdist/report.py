@@ -292,8 +292,8 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
         r["floor"] = f"{floor:.3f}" if floor is not None else "unknown (no class list)"
         r["(loss - floor) / last fall"] = ""  # without a floor, or without a seed at the last two budgets: no ratio
         if floor is not None and diffs:
-            loss, fall = statistics.mean(by_seed(budgets[steps[-1]], lambda x: x.final_train_loss).values()), statistics.mean(diffs)
-            r["(loss - floor) / last fall"] = f"{(loss - floor) / -fall:.1f}" if fall < 0 else "not falling"
+            loss = statistics.mean(by_seed(budgets[steps[-1]], lambda x: x.final_train_loss).values())
+            r["(loss - floor) / last fall"] = f"{(loss - floor) / -mean:.1f}" if mean < 0 else "not falling"
         rows.append(r)
     return rows
 
