@@ -276,7 +276,7 @@ def loss_flattening(runs: Sequence[Run], margin: float = FLAT_MARGIN) -> list[di
     (loss - floor) / fall more times: its curve bends within that many more budget steps."""
     rows = []
     for name, budgets in budget_families(runs).items():
-        r, flat, diffs = {"network": name}, None, []  # each step sets mean, half; `falling` reads the last step's
+        r, flat, diffs = {"network": name}, None, []  # each step sets mean, half; `falling` and the ratio read the last step's
         steps = list(budgets)
         for before, after in zip(steps, steps[1:]):
             diffs = paired_diffs(budgets[after], budgets[before], lambda x: x.final_train_loss)
