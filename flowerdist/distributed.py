@@ -71,7 +71,7 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
                          "set train.cpu=false to train on the GPU")
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_amx():
         say(accelerator, f"flowerdist: note: train.mixed_precision=bf16 on a CPU without AMX (this one: "
-                         f"{torch.backends.cpu.get_cpu_capability()}) trains slower than fp32, for ResNet-18 at 64 px 6.6x "
+                         f"{torch.backends.cpu.get_cpu_capability()}) trains slower than fp32, for ResNet-18 at 64 px 6.6-10.5x "
                          "on AVX2, 1.5x on AVX-512 without avx512_bf16, about 1.3x with it; set train.mixed_precision=no unless you need bf16's numbers")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         enable_cpu_fp16(accelerator)

@@ -248,7 +248,7 @@ def test_a_config_that_pins_the_cpu_says_so_when_cuda_is_visible(tiny_data, tmp_
 
 def test_bf16_on_a_cpu_without_amx_says_it_trains_slower(monkeypatch, capsys):
     """The shipped recipes train in bf16 (tuned on an AMX CPU); without AMX a CPU runs bf16 autocast several times
-    slower than fp32 (6.6x on AVX2), so a run says so at its start, with the key that fixes it."""
+    slower than fp32 (6.6-10.5x on AVX2), so a run says so at its start, with the key that fixes it."""
     from pathlib import Path
 
     import flowerdist.distributed
