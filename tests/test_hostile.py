@@ -332,12 +332,23 @@ def test_resume_from_another_run_refuses_a_folder_holding_a_third(done_run, tiny
     assert json.loads((fresh / "result.json").read_text())["global_step"] == 6
 
 
-@pytest.mark.parametrize("problem", ["missing", "other classes"])
+@pytest.mark.parametrize("problem", ["missing", "other classes", "every photo of a class"])
 def test_a_test_folder_that_cannot_be_one_is_one_line(tiny_data, tmp_path, problem):
+    """data.test_root missing, with other classes, or holding all of a class's photos (as a second copy of data.root
+    would): one line before any training, naming the key."""
     test = tmp_path / "test"
     if problem == "other classes":
         for name in ("daisy", "roses"):
             shutil.copytree(tiny_data / name, test / name)
+    if problem == "every photo of a class":  # one photo of each other class, and all the tulips: tulips is emptied
+        for name in sorted(p.name for p in tiny_data.iterdir() if p.is_dir()):
+            (test / name).mkdir(parents=True)
+            for photo in sorted((tiny_data / name).iterdir())[: None if name == "tulips" else 1]:
+                Image.open(photo).save(test / name / f"{photo.stem}.png")  # matched by class and name, any format
     proc = run_cli(*args(tiny_data, tmp_path / "run", f"data.test_root={test}"), check=False)
-    one_line_error(proc, "data.test_root=")
-    assert ("does not exist" if problem == "missing" else "has classes ['daisy', 'roses'] but data.root has") in proc.stderr
+    want = {"missing": ("data.test_root=", "does not exist"),
+            "other classes": ("data.test_root=", "has classes ['daisy', 'roses'] but data.root has"),
+            "every photo of a class": ("class tulips in", "has no image left once data.test_root's are held out; "
+                                                          "point data.test_root at fewer photos")}[problem]
+    one_line_error(proc, want[0])
+    assert want[1] in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
