@@ -152,9 +152,11 @@ class TrainConfig:
     run still decays its learning rate."""
     grad_accum_steps: int = 1
     """Micro-steps accumulated per optimizer step."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision; fp16 uses a gradient scaler (GPU). On a CPU bf16 pays only with AMX (2.4x the fp32 step on
-    the project machine) and is slower than fp32 on AVX2-only CPUs."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "no"
+    """Autocast precision; fp16 uses a gradient scaler. On a CPU bf16 pays only with AMX (2.4x the fp32 step on the
+    project machine) and is 6.6-10.5x slower than fp32 on AVX2-only CPUs. auto: bf16 on GPUs of compute capability
+    8.0+ and CPUs with AMX, fp16 on Volta/Turing GPUs, fp32 elsewhere; a resume keeps the run's precision.
+    config.yaml records the precision a run trained in, never auto."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     ema_decay: float = 0.0

@@ -54,7 +54,11 @@ def run_eval(checkpoint: str | Path, overrides: list[str] = ()) -> dict[str, Any
     """Metrics on the run's validation split, or on all of another folder given by data.root=."""
     model, cfg, classes, ckpt = load_model(checkpoint)
     other_root = any(o.split("=", 1)[0].strip() == "data.root" for o in overrides)
+    trained_in = cfg.train.mixed_precision
     cfg = apply_overrides(cfg, list(overrides))
+    if cfg.train.mixed_precision != trained_in:
+        raise FlowerdistError(f"train.mixed_precision={cfg.train.mixed_precision}: {ckpt} trained in {trained_in}; "
+                              f"evaluate in another precision with eval.precision=no, bf16 or fp16")
     index = scan_folder(cfg.data.root, classes=classes)
     report = check_folder(index)
     index = usable_index(index, report.skipped)

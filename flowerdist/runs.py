@@ -26,6 +26,7 @@ from accelerate.utils import broadcast_object_list
 
 from flowerdist.checkpoint import META, TRAIN_STATE, find_resume_checkpoint, read_meta
 from flowerdist.config import Config, apply_overrides, config_from_dict
+from flowerdist.distributed import precision_here
 from flowerdist.errors import FlowerdistError
 
 #: Files that mark a directory as holding a run.
@@ -145,6 +146,19 @@ def read_resume(ckpt: Path, rank: int) -> Resume:
     if not isinstance(state, dict) or "state" not in state or "ranks" not in state:
         raise FlowerdistError(f"{ckpt / TRAIN_STATE} is not a training state of this flowerdist version; start a new run")
     return Resume(ckpt, meta, state, loaded.get(f"rng-rank{rank}.pt"), saved_world=len(state["ranks"]))
+
+
+def resolve_precision(cfg: Config) -> Config:
+    """`cfg` with train.mixed_precision=auto replaced by the precision this run trains in, which config.yaml and the
+    checkpoints then record: a resumed run's own (a resume continues the run as it was, on any machine; a run moved
+    to a slower kind of machine says so at its start), else the fastest this device computes natively
+    (`flowerdist.distributed.auto_precision`). Read before the process group exists: files only, nothing written."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    run_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else None
+    ckpt = find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume and (run_dir or cfg.train.resume != "auto") else None
+    saved = read_meta(ckpt)["config"].get("train", {}).get("mixed_precision") if ckpt is not None else None
+    return apply_overrides(cfg, [f"train.mixed_precision={saved if saved in ('no', 'fp16', 'bf16') else precision_here(cfg)}"])
 
 
 def reconcile(cfg: Config, resume: Resume, world: int, say=print) -> Config:

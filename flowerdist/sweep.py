@@ -17,7 +17,8 @@ A sweep file names a base config, overrides for every cell, the grid, and where 
 Cell `name=resnet34,seed=1` trains in `<output_dir>/name=resnet34,seed=1` with `train.resume=auto`.
 A finished cell (it has `result.json`) is skipped and a half-finished one resumes, so an
 interrupted sweep, rerun, continues where it stopped. A cell whose config is identical to a finished run
-anywhere under `runs/` (another sweep's cell, say) reuses it: the cell becomes a link to that run. Here the
+anywhere under `runs/` (another sweep's cell, say) reuses it: the cell becomes a link to that run (a cell with
+train.mixed_precision=auto matches runs in the precision auto picks here, and under `--slurm` none). Here the
 cells run one after another in this process; `--slurm` submits one Slurm job array, a task per cell,
 through slurm/launch.sh.
 """
@@ -54,6 +55,16 @@ def result_key(config: dict[str, Any]) -> str:
         if flat.get(key):
             flat[key] = str(Path(flat[key]).resolve())
     return json.dumps(flat, sort_keys=True, default=str)
+
+
+def twin_key(cfg, slurm: bool) -> str | None:
+    """The result_key a cell's finished twin has: with train.mixed_precision=auto, that of the precision auto gives
+    on this machine, where the cell would train; None (never reused) for an auto cell that a Slurm node will train."""
+    if cfg.train.mixed_precision == "auto" and slurm:
+        return None
+    from flowerdist.runs import resolve_precision  # imports torch: not for the sweep's other commands
+
+    return result_key(resolve_precision(cfg).to_dict())
 
 
 def finished_runs(roots: Sequence[Path]) -> dict[str, Path]:
@@ -145,7 +156,7 @@ def run_sweep(path: str, variant: str | None = None, extra: Sequence[str] = (), 
         print(" ".join(cells[cell].args()))  # what slurm/launch.sh trains for array task `cell`
         return cells
     elsewhere = finished_runs([Path("runs"), cells[0].run_dir.parent, *map(Path, reuse_from)])
-    twins = {i: elsewhere.get(result_key(load_config(c.config, list(c.overrides)).to_dict())) for i, c in enumerate(cells)
+    twins = {i: elsewhere.get(twin_key(load_config(c.config, list(c.overrides)), slurm)) for i, c in enumerate(cells)
              if not c.done and not c.run_dir.exists()}
     for i, c in enumerate(cells):
         state = "done" if c.done else ("partial" if (c.run_dir / "checkpoints").is_dir() else "to run")

@@ -52,7 +52,7 @@ from flowerdist.evaluate import autocast_for, evaluate, for_evaluation, memory_f
 from flowerdist.models import create_model
 from flowerdist.optim import build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from flowerdist.preemption import StopSignal
-from flowerdist.runs import Resume, claim_run_dir, reconcile, record_changes
+from flowerdist.runs import Resume, claim_run_dir, reconcile, record_changes, resolve_precision
 from flowerdist.state import TrainState
 from flowerdist.tracking import RunLogger, SampleRecorder, StepLog, confusion_table, resolve_wandb_mode
 
@@ -117,6 +117,7 @@ class Data:
 def train(cfg: Config) -> TrainResult:
     """Build the Accelerator, train, and always end it: trackers and process group, on error too."""
     wandb_mode = resolve_wandb_mode(cfg.log.wandb)
+    cfg = resolve_precision(cfg)  # before the Accelerator, which takes the precision
     accelerator = build_accelerator(cfg, "wandb" if wandb_mode else None)
     try:
         with contextlib.ExitStack() as closing:

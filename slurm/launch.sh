@@ -16,7 +16,8 @@
 #   FLOWERDIST_DEVICE=gpu|cpu        default gpu, or cpu when the job asked for no GPUs (--gpus-per-node=0);
 #                                    cpu sets ACCELERATE_USE_CPU=1
 #   FLOWERDIST_PROCS_PER_NODE=N      default: the GPUs the job was given on each node (cpu: 1)
-#   FLOWERDIST_MIXED_PRECISION=...   default: train.mixed_precision of the config (cpu: no)
+#   FLOWERDIST_MIXED_PRECISION=P     train.mixed_precision=P (auto, no, fp16, bf16) before your KEY=VALUE
+#                                    words, which win; default: the config's (auto picks per device)
 #   FLOWERDIST_PORT=N                rendezvous port on the head node (default: derived
 #                                    from the job id; moved to a free port if busy)
 #   FLOWERDIST_ACCELERATE_CONFIG=F   accelerate config file (default: a minimal one
@@ -53,8 +54,10 @@ if [ "$on_node" = 0 ]; then
     device=${FLOWERDIST_DEVICE:-$default_device}
     nnodes=${SLURM_NNODES:-1}
 
+    # FLOWERDIST_MIXED_PRECISION is an override like any other, placed before the user's own.
+    [ -n "${FLOWERDIST_MIXED_PRECISION:-}" ] && set -- "train.mixed_precision=$FLOWERDIST_MIXED_PRECISION" "$@"
     # Validate the config and overrides once, before any process starts, and read
-    # the precision from it. Only KEY=VALUE words are config overrides.
+    # the precision from it (for the log: flowerdist passes it to Accelerate itself). Only KEY=VALUE words are config overrides.
     overrides=()
     for a in "$@"; do [[ $a == *=* && $a != -* ]] && overrides+=("$a"); done
     mp=$(python - "$config" "${overrides[@]}" <<'PY'
@@ -71,7 +74,6 @@ PY
     cpu)
         export ACCELERATE_USE_CPU=1
         per_node=${FLOWERDIST_PROCS_PER_NODE:-1}
-        mp=no    # bf16 autocast is slower than fp32 on CPUs; fp16 needs a GPU
         ;;
     gpu)
         # The count asked for (--gpus-per-node); an --exclusive job may be given all of the node's, which
@@ -91,7 +93,6 @@ PY
     [[ $per_node =~ ^[1-9][0-9]*$ ]] || die "FLOWERDIST_PROCS_PER_NODE must be a positive integer, not '$per_node'"
 
     export FLOWERDIST_DEVICE=$device
-    export FLOWERDIST_MIXED_PRECISION=${FLOWERDIST_MIXED_PRECISION:-$mp}
     export FLOWERDIST_PROCS_PER_NODE=$per_node
     export FLOWERDIST_NUM_PROCESSES=$((per_node * nnodes))
     export FLOWERDIST_NUM_MACHINES=$nnodes
@@ -119,7 +120,7 @@ s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.
     run=${FLOWERDIST_RUN:-$(basename "${config%.*}")-slurm-$SLURM_JOB_ID}
     [[ $run == */* ]] || run=runs/$run
     echo "flowerdist/slurm: job $SLURM_JOB_ID: $nnodes node(s) x $per_node process(es) ($device)," \
-         "head $FLOWERDIST_HEAD:$FLOWERDIST_PORT, mixed precision $FLOWERDIST_MIXED_PRECISION, run $run"
+         "head $FLOWERDIST_HEAD:$FLOWERDIST_PORT, train.mixed_precision=$mp, run $run"
     # Preemption and time limits: `#SBATCH --signal=B:USR1@120` warns this batch shell; we pass
     # USR1 to every process of the job step (the training ranks checkpoint at their next log
     # step and exit), then requeue the job. The requeued job runs this script again with the
@@ -152,13 +153,13 @@ cfg=${FLOWERDIST_ACCELERATE_CONFIG:-}
 if [ -z "$cfg" ]; then
     cfg=$(mktemp "${TMPDIR:-/tmp}/flowerdist-accelerate-XXXXXX.yaml")
     trap 'rm -f "$cfg"' EXIT
-    # Quoted 'no': YAML would read a bare no as false.
-    printf "compute_environment: LOCAL_MACHINE\ndistributed_type: '%s'\nmixed_precision: '%s'\nuse_cpu: false\ndebug: false\n" \
-        "$([ "$total" -gt 1 ] && echo MULTI_GPU || echo 'NO')" "$FLOWERDIST_MIXED_PRECISION" >"$cfg"
+    # Precision is flowerdist's (train.mixed_precision, passed to its Accelerator); quoted 'no': YAML reads a bare no as false.
+    printf "compute_environment: LOCAL_MACHINE\ndistributed_type: '%s'\nmixed_precision: 'no'\nuse_cpu: false\ndebug: false\n" \
+        "$([ "$total" -gt 1 ] && echo MULTI_GPU || echo 'NO')" >"$cfg"
 fi
 
 args=(--config_file "$cfg" --num_processes "$total" --num_machines "$FLOWERDIST_NUM_MACHINES"
-      --mixed_precision "$FLOWERDIST_MIXED_PRECISION" --dynamo_backend no)
+      --mixed_precision no --dynamo_backend no)
 # --multi_gpu is also the CPU multi-process form: with ACCELERATE_USE_CPU=1 it runs
 # gloo over torch's launcher. (--cpu --num_processes N silently starts ONE process.)
 if [ "$total" -gt 1 ]; then

@@ -25,7 +25,7 @@ def test_precedence_defaults_then_yaml_then_cli(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_trains_a_step_with_its_own_settings(path, tiny_data, tmp_path):
     """Each recipe, shrunk only in size (images, batch, steps; no pretrained download), trains: its own mix of keys
-    (warm-up in epochs, MixUp/CutMix, EMA, bf16, ...) reaches the run's config.yaml unchanged."""
+    (warm-up in epochs, MixUp/CutMix, EMA, precision, ...) reaches the run's config.yaml unchanged."""
     import yaml
 
     from conftest import run_cli
@@ -39,6 +39,10 @@ def test_every_shipped_config_trains_a_step_with_its_own_settings(path, tiny_dat
     saved = yaml.safe_load((run / "config.yaml").read_text())
     expected = load_config(path, [f"data.root={tiny_data}", *size, "train.max_steps=2", "train.epochs=1", f"train.output_dir={run}",
                                   "log.wandb=disabled", "log.progress=false"]).to_dict()
+    if expected["train"]["mixed_precision"] == "auto":  # recorded as what it trained in: on this CPU, bf16 with AMX, else fp32
+        from flowerdist.distributed import cpu_has_amx
+
+        expected["train"]["mixed_precision"] = "bf16" if cpu_has_amx() else "no"
     assert saved == expected and saved["name"] == path.stem
     assert json.loads((run / "result.json").read_text())["global_step"] == 2
 
@@ -56,7 +60,7 @@ def test_shipped_config_set():
         ("optim.lrr=0.1", "unknown config key 'optim.lrr' in the command line; did you mean 'optim.lr'?"),
         ("data.batch_size=abc", "config key 'data.batch_size' in the command line must be int, got 'abc'"),
         ("model.shortcut=D", "config key 'model.shortcut' in the command line must be one of A, B, C, none, got 'D'"),
-        ("train.mixed_precision=fp8", "must be one of no, fp16, bf16"),
+        ("train.mixed_precision=fp8", "must be one of auto, no, fp16, bf16"),
         ("optim.lr=-1", "config key 'optim.lr' must be positive (got -1.0)"),
         ("data.batch_size=0", "config key 'data.batch_size' must be at least 1 (got 0)"),
         ("log.wandb=maybe", "config key 'log.wandb'"),

@@ -247,8 +247,9 @@ def test_a_config_that_pins_the_cpu_says_so_when_cuda_is_visible(tiny_data, tmp_
 
 
 def test_bf16_on_a_cpu_without_amx_says_it_trains_slower(monkeypatch, capsys):
-    """The shipped recipes train in bf16 (tuned on an AMX CPU); without AMX a CPU runs bf16 autocast several times
-    slower than fp32 (6.6-10.5x on AVX2), so a run says so at its start, with the key that fixes it."""
+    """The records were made in bf16 on an AMX CPU; without AMX a CPU runs bf16 autocast several times slower than
+    fp32 (6.6-10.5x on AVX2), so a bf16 run (the experiment sweeps, a resume of a bf16 run) says so at its start,
+    with the key that fixes it."""
     from pathlib import Path
 
     import flowerdist.distributed
@@ -268,8 +269,62 @@ def test_bf16_on_a_cpu_without_amx_says_it_trains_slower(monkeypatch, capsys):
     assert torch.backends.cpu.get_cpu_capability() in note
 
 
+# ---- train.mixed_precision=auto ------------------------------------------------------------------------------
+
+
+def test_auto_precision_is_the_precision_each_device_computes_natively(monkeypatch):
+    """bf16 from Ampere (8.0) on and on AMX CPUs, fp16 with its scaler on Volta and Turing, fp32 elsewhere; on a GPU
+    machine the GPU of the process's local rank decides (no CUDA here: torch's two queries are stood in for)."""
+    import flowerdist.distributed as fd
+    from flowerdist.config import load_config
+
+    cuda = {(6, 0): "no", (6, 1): "no", (7, 0): "fp16", (7, 5): "fp16", (8, 0): "bf16", (8, 9): "bf16", (9, 0): "bf16", (10, 0): "bf16"}
+    assert {c: fd.auto_precision("cuda", c) for c in cuda} == cuda
+    assert (fd.auto_precision("cpu", amx=True), fd.auto_precision("cpu", amx=False), fd.auto_precision("mps", amx=True)) == ("bf16", "no", "no")
+    monkeypatch.setattr(fd, "cuda_visible", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 0), (7, 0)][i])  # one A100, one V100
+    monkeypatch.setattr(fd, "cpu_has_amx", lambda: False)
+    for local_rank, expected in (("0", "bf16"), ("1", "fp16"), ("3", "fp16")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert fd.precision_here(load_config(None, [])) == expected
+    assert fd.precision_here(load_config(None, ["train.cpu=true"])) == "no"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # what `accelerate launch --cpu` sets
+    assert fd.precision_here(load_config(None, [])) == "no"
+
+
+@pytest.mark.slow
+def test_auto_trains_in_the_native_precision_records_it_and_a_resume_keeps_the_runs(tiny_data, tmp_path, monkeypatch):
+    """auto trains in bf16 on an AMX CPU and in fp32 on another, and config.yaml, the checkpoints and the start line
+    say which (never auto); a run resumed with auto on the other kind of CPU continues in its own precision,
+    with the note when that is bf16 without AMX, and nothing recorded as changed."""
+    import flowerdist.distributed
+    import yaml
+
+    common = ("-c", "configs/quickstart.yaml", f"data.root={tiny_data}", *TINY, *SMALL, "train.epochs=1", "train.mixed_precision=auto")
+    for amx, precision in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(flowerdist.distributed, "cpu_has_amx", lambda amx=amx: amx)
+        run = tmp_path / precision
+        out = run_cli("train", *common, f"train.output_dir={run}", "train.max_steps=2").stdout
+        assert f"mixed_precision={precision} " in out
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == precision
+        meta = json.loads((run / "checkpoints" / "last" / "meta.json").read_text())
+        assert meta["config"]["train"]["mixed_precision"] == precision
+    for amx, precision in ((False, "bf16"), (True, "no")):  # each run resumed on the other kind of CPU
+        monkeypatch.setattr(flowerdist.distributed, "cpu_has_amx", lambda amx=amx: amx)
+        run = tmp_path / precision
+        out = run_cli("train", *common, f"train.output_dir={run}", "train.max_steps=4", "train.resume=auto").stdout
+        assert "resuming from" in out and f"mixed_precision={precision} " in out
+        assert ("train.mixed_precision=bf16 on a CPU without AMX" in out) == (precision == "bf16")
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["train"]["mixed_precision"] == precision
+        assert [list(c["changes"]) for c in saved["resumed_changes"]] == [["train.max_steps"]]
+
+
 def test_shipped_configs_leave_the_device_to_the_machine():
-    """`make train` and every recipe use the GPU where there is one; only an explicit train.cpu=true pins the CPU."""
+    """`make train` and every recipe use the GPU where there is one; only an explicit train.cpu=true pins the CPU. No
+    recipe pins a 16-bit precision either: auto picks it where the device computes it natively (bf16 on an AVX2 CPU
+    would train a recipe 6.6-10.5x slower, on a V100 without bf16 tensor cores too)."""
     from pathlib import Path
 
     from flowerdist.config import load_config
@@ -277,6 +332,9 @@ def test_shipped_configs_leave_the_device_to_the_machine():
     for path in sorted(Path("configs").rglob("*.yaml")):
         if path.parent.name != "experiments":
             assert load_config(path).train.cpu is False, path
+            assert load_config(path).train.mixed_precision in ("auto", "no"), path
+    assert {load_config(f"configs/flowers/{name}.yaml").train.mixed_precision
+            for name in ("resnet18_cpu", "resnet18_gpu", "resnet50_gpu", "timm_resnet50_pretrained")} == {"auto"}
 
 
 def test_warmup_in_epochs_becomes_steps_of_this_layout():

@@ -161,6 +161,15 @@ def test_eval_never_uses_a_split_of_another_run(done_run, tiny_data, tmp_path):
     assert json.loads(run_cli("eval", "--checkpoint", str(copied), f"data.root={tiny_data}", "--json").stdout)["count"] == 200
 
 
+@pytest.mark.slow
+def test_eval_refuses_to_rewrite_the_training_precision(done_run):
+    """train.mixed_precision is what the run trained in; evaluating in another precision is eval.precision's job."""
+    for value in ("auto", "bf16"):
+        proc = run_cli("eval", "--checkpoint", str(done_run), f"train.mixed_precision={value}", check=False)
+        one_line_error(proc, f"train.mixed_precision={value}: ")
+        assert "trained in no" in proc.stderr and "eval.precision=" in proc.stderr
+
+
 # ---- divergence -------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import on_one_worker, run_cli  # noqa: E402
@@ -105,14 +106,17 @@ def _next_job_id(cluster: ClusterInfo, tmp: Path) -> int:
 
 @pytest.mark.parametrize("procs_per_node, nodes", [(2, 1), (1, 2)], ids=["1node-x-2procs", "2nodes-x-1proc"])
 def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path, procs_per_node: int, nodes: int) -> None:
-    """CPU jobs (--gpus-per-node=0 picks the CPU path) on one node and on two."""
+    """CPU jobs (--gpus-per-node=0 picks the CPU path) on one node and on two. FLOWERDIST_MIXED_PRECISION is an
+    override before the user's own words: bf16 on one node, and on two the user's train.mixed_precision=no wins."""
     run_dir = tmp_path / "run"
-    env = {"FLOWERDIST_PROCS_PER_NODE": str(procs_per_node), "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env = {"FLOWERDIST_PROCS_PER_NODE": str(procs_per_node), "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "FLOWERDIST_MIXED_PRECISION": "bf16"}
+    precision = "bf16" if nodes == 1 else "no"
     script, sbatch = SCRIPT, [CPUS, f"--nodes={nodes}"]
     # 40 images: small batches so each of the 2 ranks gets whole optimizer steps.
     args = ["configs/quickstart.yaml", "train.epochs=1", f"data.root={synth_data}",
             f"train.output_dir={run_dir}", "log.wandb=offline",
-            "data.batch_size=4", "data.image_size=64", "data.num_workers=0"]
+            "data.batch_size=4", "data.image_size=64", "data.num_workers=0", *(["train.mixed_precision=no"] if nodes > 1 else [])]
     if nodes == 1:  # another job holds the port this job derives from its id: it must move to a free one
         derived = 20000 + _next_job_id(cluster, tmp_path) % 20000
         with _listen(derived):
@@ -128,6 +132,8 @@ def test_training_job(cluster: ClusterInfo, synth_data: Path, tmp_path: Path, pr
     assert set(re.findall(r"machine_rank=(\d+)", log)) == {str(r) for r in range(nodes)}, why
     assert run_dir.is_dir(), why
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file(), why
+    assert f"train.mixed_precision={precision}, run " in log and f"mixed_precision={precision} " in log, why
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["mixed_precision"] == precision, why
     # One W&B run for the job, written by rank 0, grouped by the Slurm job and knowing its shape.
     from wandb_offline import read_run
 

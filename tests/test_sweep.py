@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli, sweep_file
+from conftest import REPO, TINY, run_cli, sweep_file
 from flowerdist.errors import FlowerdistError
 from flowerdist.sweep import load_sweep
 
@@ -82,7 +82,7 @@ def test_a_killed_sweep_skips_finished_cells_and_resumes_the_partial_one(tiny_da
 
 
 @pytest.mark.slow
-def test_a_cell_identical_to_a_finished_run_elsewhere_is_reused(tiny_data, tmp_path):
+def test_a_cell_identical_to_a_finished_run_elsewhere_is_reused(tiny_data, tmp_path, monkeypatch):
     """Two sweeps sharing a cell (the ResNet-18 row of several experiment tables): the second links to the first's
     finished run instead of training it again; a cell that differs trains."""
     for folder in ("a", "b"):
@@ -110,6 +110,20 @@ def test_a_cell_identical_to_a_finished_run_elsewhere_is_reused(tiny_data, tmp_p
     assert "seed=0: to run" in plain.stdout and "reused" in told.stdout and str(tmp_path / "runs" / "a" / "seed=0") in told.stdout
     wrong = run_cli("sweep", str(third), "--dry-run", "--reuse-from", str(tmp_path / "nowhere"), check=False)
     assert wrong.returncode == 2 and "--reuse-from" in wrong.stderr and "Traceback" not in wrong.stderr
+    # a cell with train.mixed_precision=auto is the run it would train here: fp32 on a CPU without AMX, bf16 with AMX
+    # (the finished run trained in fp32); a Slurm node may be another kind of machine, so under --slurm it trains
+    import flowerdist.distributed
+
+    (tmp_path / "d").mkdir()
+    auto = sweep_file(tmp_path / "d", tiny_data, grid={"train.seed": [0]}, output_dir=str(tmp_path / "d" / "out"), config=config,
+                      overrides=[f"data.root={tiny_data}", *TINY, "train.epochs=2", "train.checkpoint_every=5", "train.log_every=1",
+                                 "train.mixed_precision=auto"])
+    said = {}
+    for amx, slurm in ((False, []), (True, []), (False, ["--slurm"])):
+        monkeypatch.setattr(flowerdist.distributed, "cpu_has_amx", lambda amx=amx: amx)
+        said[amx, bool(slurm)] = run_cli("sweep", str(auto), "--dry-run", *slurm, "--reuse-from", str(tmp_path / "runs" / "a")).stdout
+    assert "reused" in said[False, False] and str(tmp_path / "runs" / "a" / "seed=0") in said[False, False]
+    assert "seed=0: to run" in said[True, False] and "seed=0: to run" in said[False, True]
 
 
 def test_a_dry_run_piped_into_head_ends_without_a_traceback(tiny_data, tmp_path):
