@@ -153,10 +153,11 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-steps accumulated per optimizer step."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "no"
-    """Autocast precision; fp16 uses a gradient scaler. On a CPU bf16 pays only with AMX (2.4x the fp32 step on the
-    project machine) and is 6.6-10.5x slower than fp32 on AVX2-only CPUs. auto: bf16 on GPUs of compute capability
-    8.0+ and CPUs with AMX, fp16 on Volta/Turing GPUs, fp32 elsewhere; a resume keeps the run's precision.
-    config.yaml records the precision a run trained in, never auto."""
+    """Autocast precision: no (fp32), bf16, fp16 (with a gradient scaler) or auto, which every recipe uses: bf16 on GPUs
+    of compute capability 8.0+ (Ampere on) and on CPUs with AMX (2.4x the fp32 step on the project machine), fp16 on
+    Volta and Turing GPUs (V100, T4), fp32 elsewhere (bf16 is 1.3-10.5x slower than fp32 on CPUs without AMX). A
+    resume with auto keeps the run's precision on any machine; config.yaml and the checkpoints record the precision
+    a run trained in, never auto."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     ema_decay: float = 0.0
