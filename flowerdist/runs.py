@@ -155,8 +155,8 @@ def resolve_precision(cfg: Config) -> Config:
     (`flowerdist.distributed.auto_precision`). Read before the process group exists: files only, nothing written."""
     if cfg.train.mixed_precision != "auto":
         return cfg
-    run_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else None
-    ckpt = find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume and (run_dir or cfg.train.resume != "auto") else None
+    resumes = cfg.train.resume not in ("", "auto") or (cfg.train.resume == "auto" and cfg.train.output_dir)  # else a fresh run
+    ckpt = find_resume_checkpoint(cfg.train.resume, Path(cfg.train.output_dir or ".")) if resumes else None
     saved = read_meta(ckpt)["config"].get("train", {}).get("mixed_precision") if ckpt is not None else None
     return apply_overrides(cfg, [f"train.mixed_precision={saved if saved in ('no', 'fp16', 'bf16') else precision_here(cfg)}"])
 
