@@ -137,9 +137,11 @@ def test_a_damaged_train_state_is_one_line(done_run, tiny_data, damage):
 
 
 @pytest.mark.slow
-def test_a_missing_resume_path_fails_before_writing(tiny_data, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "auto"])  # auto reads the checkpoint's precision before anything else
+def test_a_missing_resume_path_fails_before_writing(tiny_data, tmp_path, precision):
     run = tmp_path / "new"
-    one_line_error(run_cli(*args(tiny_data, run, f"train.resume={tmp_path / 'nope'}"), check=False), "is not a training checkpoint")
+    proc = run_cli(*args(tiny_data, run, f"train.resume={tmp_path / 'nope'}", f"train.mixed_precision={precision}"), check=False)
+    one_line_error(proc, "is not a training checkpoint")
     assert not run.exists()
 
 
