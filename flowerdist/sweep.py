@@ -60,11 +60,13 @@ def result_key(config: dict[str, Any]) -> str:
 def twin_key(cfg, slurm: bool) -> str | None:
     """The result_key a cell's finished twin has: with train.mixed_precision=auto, that of the precision auto gives
     on this machine, where the cell would train; None (never reused) for an auto cell that a Slurm node will train."""
-    if cfg.train.mixed_precision == "auto" and slurm:
-        return None
-    from flowerdist.runs import resolve_precision  # imports torch: not for the sweep's other commands
+    if cfg.train.mixed_precision == "auto":
+        if slurm:
+            return None
+        from flowerdist.runs import resolve_precision  # imports torch (the device decides): only for an auto cell
 
-    return result_key(resolve_precision(cfg).to_dict())
+        cfg = resolve_precision(cfg)
+    return result_key(cfg.to_dict())
 
 
 def finished_runs(roots: Sequence[Path]) -> dict[str, Path]:
