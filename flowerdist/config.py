@@ -153,7 +153,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-steps accumulated per optimizer step."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "no"
-    """Autocast precision: no (fp32), bf16, fp16 (with a gradient scaler) or auto, which every recipe uses: bf16 on GPUs
+    """Autocast precision: no (fp32), bf16, fp16 (with a gradient scaler) or auto, which the tuned recipes use: bf16 on GPUs
     of compute capability 8.0+ (Ampere on) and on CPUs with AMX (2.4x the fp32 step on the project machine), fp16 on
     Volta and Turing GPUs (V100, T4), fp32 elsewhere (bf16 is 1.3-10.5x slower than fp32 on CPUs without AMX). A
     resume with auto keeps the run's precision on any machine; config.yaml and the checkpoints record the precision

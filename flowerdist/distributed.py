@@ -213,15 +213,27 @@ def num_machines(accelerator: Accelerator) -> int:
 
 def describe_world(accelerator: Accelerator) -> str:
     """One line, built from what the processes report (all ranks must call it)."""
-    me = f"{accelerator.process_index}@{socket.gethostname()}:{accelerator.local_process_index}"
-    layout = gather_object([me]) if accelerator.num_processes > 1 else [me]
+    me = (f"{accelerator.process_index}@{socket.gethostname()}:{accelerator.local_process_index}", accelerator.mixed_precision)
+    ranks = gather_object([me]) if accelerator.num_processes > 1 else [me]
+    require_one_precision(ranks)
     state = accelerator.state
     backend = state.backend or "none"
     return (
         f"world_size={accelerator.num_processes} backend={backend} device={accelerator.device.type} "
         f"num_machines={num_machines(accelerator)} mixed_precision={accelerator.mixed_precision} "
-        f"threads={torch.get_num_threads()} ranks=[{', '.join(layout)}]"
+        f"threads={torch.get_num_threads()} ranks=[{', '.join(name for name, _ in ranks)}]"
     )
+
+
+def require_one_precision(ranks: list[tuple[str, str]]) -> None:
+    """Every rank must train in one precision: an fp16 rank's scaled gradients averaged with a bf16 rank's unscaled
+    ones would drift the weights apart without an error. train.mixed_precision=auto picks per device, so an A100
+    beside a V100, or CPU nodes with and without AMX, disagree; so do nodes started with different commands."""
+    kinds = sorted({precision for _, precision in ranks})
+    if len(kinds) > 1:
+        who = "; ".join(f"{p} on rank(s) {', '.join(name.split('@')[0] for name, q in ranks if q == p)}" for p in kinds)
+        raise FlowerdistError(f"the ranks would train in different precisions ({who}): set train.mixed_precision to one of "
+                              f"{', '.join(kinds)} on every node (auto picks per device, and these devices differ)")
 
 
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):

@@ -148,17 +148,22 @@ def read_resume(ckpt: Path, rank: int) -> Resume:
     return Resume(ckpt, meta, state, loaded.get(f"rng-rank{rank}.pt"), saved_world=len(state["ranks"]))
 
 
-def resolve_precision(cfg: Config) -> Config:
+def resolve_precision(cfg: Config) -> tuple[Config, str | None]:
     """`cfg` with train.mixed_precision=auto replaced by the precision this run trains in, which config.yaml and the
-    checkpoints then record: a resumed run's own (a resume continues the run as it was, on any machine; a run moved
-    to a slower kind of machine says so at its start), else the fastest this device computes natively
-    (`flowerdist.distributed.auto_precision`). Read before the process group exists: files only, nothing written."""
+    checkpoints then record: a resumed run's own (a resume continues the run as it was, on any machine), else the
+    fastest this device computes natively (`flowerdist.distributed.auto_precision`); and a note to print when a
+    resume keeps a precision that auto would not pick here. Read before the process group exists: files only."""
     if cfg.train.mixed_precision != "auto":
-        return cfg
+        return cfg, None
+    here = precision_here(cfg)
     resumes = cfg.train.resume not in ("", "auto") or (cfg.train.resume == "auto" and cfg.train.output_dir)  # else a fresh run
     ckpt = find_resume_checkpoint(cfg.train.resume, Path(cfg.train.output_dir or ".")) if resumes else None
     saved = read_meta(ckpt)["config"].get("train", {}).get("mixed_precision") if ckpt is not None else None
-    return apply_overrides(cfg, [f"train.mixed_precision={saved if saved in ('no', 'fp16', 'bf16') else precision_here(cfg)}"])
+    if saved not in ("no", "fp16", "bf16") or saved == here:
+        return apply_overrides(cfg, [f"train.mixed_precision={here}"]), None
+    return apply_overrides(cfg, [f"train.mixed_precision={saved}"]), (
+        f"flowerdist: note: resuming in {saved}, the run's precision; train.mixed_precision=auto would pick {here} on this "
+        f"device (train.mixed_precision={here} train.resume_override=true switches to it, recorded as a change)")
 
 
 def reconcile(cfg: Config, resume: Resume, world: int, say=print) -> Config:

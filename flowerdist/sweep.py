@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from flowerdist.config import load_config
+from flowerdist.config import apply_overrides, load_config
 from flowerdist.errors import FlowerdistError
 
 RESULT = "result.json"  # written by flowerdist.train when a run ends normally
@@ -59,13 +60,16 @@ def result_key(config: dict[str, Any]) -> str:
 
 def twin_key(cfg, slurm: bool) -> str | None:
     """The result_key a cell's finished twin has: with train.mixed_precision=auto, that of the precision auto gives
-    on this machine, where the cell would train; None (never reused) for an auto cell that a Slurm node will train."""
+    on this machine, where the cell would train; None (never reused) for an auto cell that a Slurm node will train.
+    A Slurm task trains with FLOWERDIST_MIXED_PRECISION's value where it is set (slurm/launch.sh), and so is matched."""
+    if slurm and os.environ.get("FLOWERDIST_MIXED_PRECISION"):
+        cfg = apply_overrides(cfg, [f"train.mixed_precision={os.environ['FLOWERDIST_MIXED_PRECISION']}"])
     if cfg.train.mixed_precision == "auto":
         if slurm:
             return None
         from flowerdist.runs import resolve_precision  # imports torch (the device decides): only for an auto cell
 
-        cfg = resolve_precision(cfg)
+        cfg, _ = resolve_precision(cfg)
     return result_key(cfg.to_dict())
 
 

@@ -117,8 +117,10 @@ class Data:
 def train(cfg: Config) -> TrainResult:
     """Build the Accelerator, train, and always end it: trackers and process group, on error too."""
     wandb_mode = resolve_wandb_mode(cfg.log.wandb)
-    cfg = resolve_precision(cfg)  # before the Accelerator, which takes the precision
+    cfg, precision_note = resolve_precision(cfg)  # before the Accelerator, which takes the precision
     accelerator = build_accelerator(cfg, "wandb" if wandb_mode else None)
+    if precision_note:
+        say(accelerator, precision_note)
     try:
         with contextlib.ExitStack() as closing:
             return _train(cfg, accelerator, wandb_mode, closing)

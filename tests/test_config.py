@@ -39,10 +39,10 @@ def test_every_shipped_config_trains_a_step_with_its_own_settings(path, tiny_dat
     saved = yaml.safe_load((run / "config.yaml").read_text())
     expected = load_config(path, [f"data.root={tiny_data}", *size, "train.max_steps=2", "train.epochs=1", f"train.output_dir={run}",
                                   "log.wandb=disabled", "log.progress=false"]).to_dict()
-    if expected["train"]["mixed_precision"] == "auto":  # recorded as what it trained in: on this CPU, bf16 with AMX, else fp32
-        from flowerdist.distributed import cpu_has_amx
+    if expected["train"]["mixed_precision"] == "auto":  # recorded as what it trained in here: on a CPU, bf16 with AMX, else fp32
+        from flowerdist.distributed import precision_here
 
-        expected["train"]["mixed_precision"] = "bf16" if cpu_has_amx() else "no"
+        expected["train"]["mixed_precision"] = precision_here(load_config(path))
     assert saved == expected and saved["name"] == path.stem
     assert json.loads((run / "result.json").read_text())["global_step"] == 2
 

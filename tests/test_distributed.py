@@ -168,6 +168,26 @@ def test_two_nodes_on_one_machine_train_one_model(tiny_data, tmp_path):
     assert config["world_size"] == 2 and config["num_machines"] == 2
 
 
+def test_nodes_in_different_precisions_are_refused_in_one_line(tiny_data, tmp_path):
+    """Two nodes whose ranks would train in different precisions (auto on unlike devices, or two commands): every
+    rank stops at the start with the same line, before any data or weights, instead of averaging unlike gradients."""
+    port, run_dir = free_port(), tmp_path / "mixed"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    procs = [
+        subprocess.Popen(
+            accelerate_cmd(2, *train_args(tiny_data, run_dir, f"train.mixed_precision={precision}"), num_machines=2, machine_rank=rank, port=port),
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank, precision in ((0, "no"), (1, "bf16"))
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode != 0 for p in procs] == [True, True], outs
+    for out in outs:
+        (line,) = [line for line in out.splitlines() if "different precisions" in line]
+        assert "(bf16 on rank(s) 1; no on rank(s) 0)" in line and "set train.mixed_precision to one of bf16, no on every node" in line
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_cpu_flag_trap_fails_loudly(tiny_data, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process: flowerdist refuses to train alone."""
     cmd = [

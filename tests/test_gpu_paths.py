@@ -302,6 +302,7 @@ def test_auto_trains_in_the_native_precision_records_it_and_a_resume_keeps_the_r
     import yaml
 
     common = ("-c", "configs/quickstart.yaml", f"data.root={tiny_data}", *TINY, *SMALL, "train.epochs=1", "train.mixed_precision=auto")
+    monkeypatch.setattr(flowerdist.distributed, "cuda_visible", lambda: False)  # a GPU host's test run decides on its CPU too
     for amx, precision in ((True, "bf16"), (False, "no")):
         monkeypatch.setattr(flowerdist.distributed, "cpu_has_amx", lambda amx=amx: amx)
         run = tmp_path / precision
@@ -316,6 +317,8 @@ def test_auto_trains_in_the_native_precision_records_it_and_a_resume_keeps_the_r
         out = run_cli("train", *common, f"train.output_dir={run}", "train.max_steps=4", "train.resume=auto").stdout
         assert "resuming from" in out and f"mixed_precision={precision} " in out
         assert ("train.mixed_precision=bf16 on a CPU without AMX" in out) == (precision == "bf16")
+        other = "no" if precision == "bf16" else "bf16"
+        assert f"note: resuming in {precision}, the run's precision; train.mixed_precision=auto would pick {other} on this device" in out
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["train"]["mixed_precision"] == precision
         assert [list(c["changes"]) for c in saved["resumed_changes"]] == [["train.max_steps"]]

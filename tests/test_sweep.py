@@ -118,12 +118,17 @@ def test_a_cell_identical_to_a_finished_run_elsewhere_is_reused(tiny_data, tmp_p
     auto = sweep_file(tmp_path / "d", tiny_data, grid={"train.seed": [0]}, output_dir=str(tmp_path / "d" / "out"), config=config,
                       overrides=[f"data.root={tiny_data}", *TINY, "train.epochs=2", "train.checkpoint_every=5", "train.log_every=1",
                                  "train.mixed_precision=auto"])
+    monkeypatch.setattr(flowerdist.distributed, "cuda_visible", lambda: False)
     said = {}
     for amx, slurm in ((False, []), (True, []), (False, ["--slurm"])):
         monkeypatch.setattr(flowerdist.distributed, "cpu_has_amx", lambda amx=amx: amx)
         said[amx, bool(slurm)] = run_cli("sweep", str(auto), "--dry-run", *slurm, "--reuse-from", str(tmp_path / "runs" / "a")).stdout
     assert "reused" in said[False, False] and str(tmp_path / "runs" / "a" / "seed=0") in said[False, False]
     assert "seed=0: to run" in said[True, False] and "seed=0: to run" in said[False, True]
+    # ... unless the Slurm tasks are told their precision (slurm/launch.sh applies FLOWERDIST_MIXED_PRECISION)
+    for value, state in (("no", "reused"), ("bf16", "seed=0: to run")):
+        monkeypatch.setenv("FLOWERDIST_MIXED_PRECISION", value)
+        assert state in run_cli("sweep", str(auto), "--dry-run", "--slurm", "--reuse-from", str(tmp_path / "runs" / "a")).stdout
 
 
 def test_a_dry_run_piped_into_head_ends_without_a_traceback(tiny_data, tmp_path):
