@@ -155,7 +155,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "no"
     """Autocast precision: no (fp32), bf16, fp16 (with a gradient scaler) or auto, which the tuned recipes use: bf16 on GPUs
     of compute capability 8.0+ (Ampere on) and on CPUs with AMX (2.4x the fp32 step on the project machine), fp16 on
-    Volta and Turing GPUs (V100, T4), fp32 elsewhere (bf16 is 1.3-10.5x slower than fp32 on CPUs without AMX). A
+    Volta and Turing GPUs (V100, T4), fp32 elsewhere (bf16 is 1.3-13x slower than fp32 on CPUs without AMX). A
     resume with auto keeps the run's precision on any machine; config.yaml and the checkpoints record the precision
     a run trained in, never auto."""
     label_smoothing: float = 0.0

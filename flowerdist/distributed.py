@@ -58,7 +58,7 @@ def auto_precision(device_type: str, capability: tuple[int, int] = (0, 0), amx: 
 
     bf16 on CUDA GPUs of compute capability 8.0 and above (Ampere on: bf16 tensor cores) and on CPUs with AMX;
     fp16 with the gradient scaler on Volta and Turing (7.x: tensor cores for fp16 only; bf16 there is emulated);
-    fp32 elsewhere: older GPUs, and CPUs without AMX, where bf16 autocast is 1.3-10.5x slower than fp32."""
+    fp32 elsewhere: older GPUs, and CPUs without AMX, where bf16 autocast is 1.3-13x slower than fp32."""
     if device_type == "cuda":
         return "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "no"
     return "bf16" if device_type == "cpu" and amx else "no"
@@ -91,7 +91,7 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
                          "set train.cpu=false to train on the GPU")
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_amx():
         say(accelerator, f"flowerdist: note: train.mixed_precision=bf16 on a CPU without AMX (this one: "
-                         f"{torch.backends.cpu.get_cpu_capability()}) trains slower than fp32, for ResNet-18 at 64 px 6.6-10.5x "
+                         f"{torch.backends.cpu.get_cpu_capability()}) trains slower than fp32, for ResNet-18 at 64-96 px 6.6-13x "
                          "on AVX2, 1.5x on AVX-512 without avx512_bf16, about 1.3x with it; set train.mixed_precision=no unless you need bf16's numbers")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         enable_cpu_fp16(accelerator)

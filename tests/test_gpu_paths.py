@@ -248,7 +248,7 @@ def test_a_config_that_pins_the_cpu_says_so_when_cuda_is_visible(tiny_data, tmp_
 
 def test_bf16_on_a_cpu_without_amx_says_it_trains_slower(monkeypatch, capsys):
     """The records were made in bf16 on an AMX CPU; without AMX a CPU runs bf16 autocast several times slower than
-    fp32 (6.6-10.5x on AVX2), so a bf16 run (the experiment sweeps, a resume of a bf16 run) says so at its start,
+    fp32 (6.6-13x on AVX2), so a bf16 run (the experiment sweeps, a resume of a bf16 run) says so at its start,
     with the key that fixes it."""
     from pathlib import Path
 
@@ -327,7 +327,7 @@ def test_auto_trains_in_the_native_precision_records_it_and_a_resume_keeps_the_r
 def test_shipped_configs_leave_the_device_to_the_machine():
     """`make train` and every recipe use the GPU where there is one; only an explicit train.cpu=true pins the CPU. No
     recipe pins a 16-bit precision either: auto picks it where the device computes it natively (bf16 on an AVX2 CPU
-    would train a recipe 6.6-10.5x slower, on a V100 without bf16 tensor cores too)."""
+    would train a recipe 6.6-13x slower, on a V100 without bf16 tensor cores too)."""
     from pathlib import Path
 
     from flowerdist.config import load_config
