@@ -163,7 +163,7 @@ def run_sweep(path: str, variant: str | None = None, extra: Sequence[str] = (), 
         return cells
     elsewhere = finished_runs([Path("runs"), cells[0].run_dir.parent, *map(Path, reuse_from)])
     twins = {i: elsewhere.get(twin_key(load_config(c.config, list(c.overrides)), slurm)) for i, c in enumerate(cells)
-             if not c.done and not c.run_dir.exists()}
+             if elsewhere and not c.done and not c.run_dir.exists()}  # no finished run: no key to compute (auto's needs torch)
     for i, c in enumerate(cells):
         state = "done" if c.done else ("partial" if (c.run_dir / "checkpoints").is_dir() else "to run")
         state = f"the same config finished in {twins[i]}, reused" if twins.get(i) else state
